@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv on first use (idempotent) and install the project with its pinned torch.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+PLUS   ?= ../shared/data/plus
+OUT    ?= out
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ultramotion-igt make-test-models --out $(OUT)/test-models
+	$(BIN)/ultramotion-igt run --input $(PLUS)/SpinePhantomFreehand.igs.mha \
+	    --detector $(OUT)/test-models/detector --sam $(OUT)/test-models/sam/sam_vit_t_demo.safetensors \
+	    --device cpu --out $(OUT)/spine
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from UltramotionIGTLib.cli import main
+
+sys.exit(main())
