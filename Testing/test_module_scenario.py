@@ -1,0 +1,177 @@
+"""The module's self-test scenario (`UltramotionIGTTest.test_LiveSyntheticStream` in
+UltramotionIGT/UltramotionIGT.py), run in pytest against slicer-core (real MRML, no Qt).
+
+The module's logic needs Slicer's Qt layer (ScriptedLoadableModule, parameterNodeWrapper), which
+slicer-core does not have; its frame path is thin, though: ``Pipeline.from_paths`` ->
+``LiveSession(process_frame = pipeline.process_frame(...).to_host())`` -> ``process_pending()`` per
+timer tick, with a `KpiTracker` as KPI sink and the indicator texts from
+`UltramotionIGTLib.indicators`. This test builds exactly that chain and drives it step by step with
+the same synthetic stream, geometry, producer pattern and checks as the self-test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) provides MRML")
+vtk = pytest.importorskip("vtk")
+
+from UltramotionIGTLib import doctor, mrml  # noqa: E402
+from UltramotionIGTLib.indicators import (  # noqa: E402
+    KpiTracker,
+    PathState,
+    format_corner_annotation,
+    format_kpi_panel,
+    status_light,
+)
+from UltramotionIGTLib.synthetic import VESSEL_LABEL, PhantomStream  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    any(
+        importlib.util.find_spec(f"UltramotionIGTLib.{m}") is None
+        for m in ("detector", "segmenter", "pipeline", "live")
+    ),
+    reason="model code or live sessions not in this checkout yet",
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The shipped demo models when present (then segment content is checked against the phantom's
+    ground truth), else small random models in the real formats (geometry and bookkeeping only)."""
+    shipped = doctor.default_models()
+    if shipped["detector"] is not None and shipped["sam"] is not None:
+        return shipped["detector"], shipped["sam"], "auto", True
+    from UltramotionIGTLib.detector import write_random_detector
+    from UltramotionIGTLib.segmenter import write_random_sam_checkpoint
+
+    out = tmp_path_factory.mktemp("scenario_models")
+    det = write_random_detector(out / "detector", image_size=128, seed=0)
+    sam = write_random_sam_checkpoint(out / "sam" / "sam.safetensors", model_type="vit_t_demo", seed=0)
+    return det, sam, "vit_t_demo", False
+
+
+@pytest.fixture()
+def context():
+    ctx = mrml.create_standalone_context()
+    yield ctx
+    ctx.close()
+
+
+def check_segments(segmentation_node, volume_node, result):
+    """As `UltramotionIGTTest._checkSegments`: one segment per target, its voxels are the target's
+    mask, its image-to-world matrix is the volume's IJK-to-RAS, so each mask voxel lands on the RAS
+    point of the frame voxel it labels."""
+    names = mrml.unique_segment_names(result)
+    segmentation = segmentation_node.GetSegmentation()
+    assert sorted(segmentation.GetSegmentIDs()) == sorted(names)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    expected = np.array([[ijk_to_ras.GetElement(i, j) for j in range(4)] for i in range(4)])
+    h, w = result.image_size
+    for row, name in enumerate(names):
+        labelmap = segmentation.GetSegment(name).GetRepresentation("Binary labelmap")
+        image_to_world = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(image_to_world)
+        got = np.array([[image_to_world.GetElement(i, j) for j in range(4)] for i in range(4)])
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+        assert labelmap.GetExtent() == (0, w - 1, 0, h - 1, 0, 0)
+        scalars = vtk.util.numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        np.testing.assert_array_equal(scalars.reshape(h, w) > 0, result.masks[row])
+        # RAS of a labelled voxel == RAS of the frame voxel under it
+        ys, xs = np.nonzero(result.masks[row])
+        if len(xs):
+            ijk = np.stack([xs, ys, np.zeros_like(xs), np.ones_like(xs)]).astype(float)
+            np.testing.assert_allclose(got @ ijk, expected @ ijk, atol=1e-9)
+
+
+def test_module_self_test_scenario_on_slicer_core(context, models):
+    import vtk.util.numpy_support  # noqa: F401 - used by check_segments
+
+    from UltramotionIGTLib.live import LiveSession
+    from UltramotionIGTLib.pipeline import Pipeline, PipelineConfig
+
+    detector, sam, sam_type, trained = models
+    scene = context.scene
+    stream = PhantomStream(seed=3, n_frames=8)
+    geometry = mrml.FrameGeometry.from_spacing_origin_directions(
+        (0.2, 0.3, 1.0),
+        (12.0, -40.0, 7.5),
+        ((0, 1, 0), (-1, 0, 0), (0, 0, 1)),
+        stream.frame(0).image.shape,
+    )
+    volume = mrml.new_volume_node(scene, stream.frame(0).image, geometry, name="US image")
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "US image segmentation")
+
+    # logic.loadPipeline + logic.processFrame
+    config = PipelineConfig(device="cpu", score_threshold=0.3 if trained else 0.0, max_targets_per_class=4)
+    pipeline = Pipeline.from_paths(detector, sam, sam_type=sam_type, config=config)
+    results = []
+
+    def process_frame(frame, frame_index, timestamp):
+        result = pipeline.process_frame(frame, frame_index=frame_index, timestamp=timestamp).to_host()
+        results.append(result)
+        return result
+
+    # logic.start
+    statuses = []
+    tracker = KpiTracker()
+    session = LiveSession(
+        volume,
+        segmentation_node,
+        process_frame,
+        drop_policy="newest",
+        status_callback=statuses.append,
+        kpi_sink=tracker,
+    )
+    session.start(process_current=True)
+    assert session.running
+
+    # a producer faster than inference: two new frames per timer tick, the newest is processed
+    for step in range(3):
+        newest = 2 * step + 2
+        for k in (newest - 1, newest):
+            mrml.write_frame_to_volume(volume, stream.frame(k).image)
+        assert session.process_pending() is True
+        assert session.process_pending() is False  # nothing left: no queue
+        result = results[-1]
+        assert result.frame_index == newest
+        assert result.image_size == stream.frame(newest).image.shape
+        check_segments(segmentation_node, volume, result)
+        if trained:
+            truth = stream.frame(newest)
+            for label, mask in zip(truth.labels, truth.masks, strict=True):
+                if int(label) == VESSEL_LABEL:
+                    dice = [2.0 * (m & mask).sum() / (m.sum() + mask.sum()) for m in result.masks]
+                    assert max(dice, default=0.0) >= 0.5
+    assert (session.frames_received, session.frames_processed, session.frames_dropped) == (7, 3, 4)
+    assert len(results) == 3
+    if not trained:
+        assert any(len(r) for r in results), "with threshold 0 the random models must propose targets"
+
+    # the indicators the widget shows (logic.indicatorTexts)
+    snap = tracker.snapshot(
+        frames_received=session.frames_received,
+        frames_dropped=session.frames_dropped,
+        latest_frame_index=session.frames_received - 1,
+    )
+    snap.device, snap.path = str(pipeline.device), "gpu_resident"
+    panel = format_kpi_panel(snap)
+    assert "3 processed" in panel and "4 of 7 received" in panel
+    assert "frame #6" in panel
+    for stage in ("detector", "sam_decoder", "mrml"):
+        assert f"  {stage}" in panel
+    assert status_light(snap).state is PathState.CPU
+    assert format_corner_annotation(snap).startswith("CPU | ") and "drop 4" in format_corner_annotation(snap)
+
+    # deleting the input mid-stream stops processing with a status; no exception escapes
+    mrml.write_frame_to_volume(volume, stream.frame(7).image)
+    scene.RemoveNode(volume)
+    assert session.process_pending() is False
+    assert not session.running
+    assert "removed" in session.status_message
+    assert statuses and "removed" in statuses[-1]
+    assert session.frames_received == session.frames_processed + session.frames_dropped
