@@ -18,6 +18,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "UltramotionIGTLib.run_cli:make_test_models_main",
         "write small random-weight models in the real checkpoint formats",
     ),
+    "train": ("UltramotionIGTLib.training.cli:main", "train the small demo models on the synthetic phantom"),
+    "evaluate": (
+        "UltramotionIGTLib.evaluate:main",
+        "held-out phantom metrics: AP50, SAM Dice, end-to-end Dice",
+    ),
+    "models": ("UltramotionIGTLib.models:main", "model packs: list | verify | import PACK"),
+    "demo": (
+        "UltramotionIGTLib.demo:main",
+        "run a synthetic sequence through the pipeline with the demo models",
+    ),
     "bench": ("UltramotionIGTLib.bench:main", "benchmarks: side-by-side ratios from one run"),
     "audit": ("UltramotionIGTLib.audit.cli:main", "static (AST) and runtime GPU->CPU transfer audit"),
     "doctor": ("UltramotionIGTLib.doctor:main", "pre-flight check of torch, CUDA and model files"),

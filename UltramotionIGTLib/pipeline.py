@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -383,22 +384,30 @@ class Pipeline:
         return record
 
     def run(
-        self, frames: Iterable[Any], timestamps: Iterable[float | None] | None = None, **kpi_extra: Any
+        self,
+        frames: Iterable[Any],
+        timestamps: Iterable[float | None] | None = None,
+        audit: Any | None = None,
+        **kpi_extra: Any,
     ) -> Iterator[HostResult]:
-        """Process frames in order, yielding host results and logging one KPI record per frame."""
+        """Process frames in order, yielding host results and logging one KPI record per frame.
+
+        ``audit``: an active `audit.runtime.RuntimeTransferAudit`; each frame (process + host copy) is
+        counted as one audit frame and its ``host_syncs`` / ``declared_hops`` go into the KPI record.
+        """
         ts_iter = iter(timestamps) if timestamps is not None else None
         for index, frame in enumerate(frames):
             ts = next(ts_iter, None) if ts_iter is not None else None
             t0 = time.perf_counter()
-            packet = self.process_frame(frame, index, ts)
-            result = packet.to_host()
+            with audit.frame(index) if audit is not None else nullcontext():
+                packet = self.process_frame(frame, index, ts)
+                result = packet.to_host()
             wall_ms = (time.perf_counter() - t0) * 1000.0
-            result.stage_ms = dict(result.stage_ms)
+            sync_kpi = audit.last_frame.kpi() if audit is not None else {}
             self.latency.add({**result.stage_ms, "end_to_end": wall_ms})
             if self.kpi_sink is not None:
-                safe_log_kpi(
-                    format_kpi(self.frame_kpi(packet, result, wall_ms=wall_ms, **kpi_extra)), self.kpi_sink
-                )
+                record = self.frame_kpi(packet, result, wall_ms=wall_ms, **sync_kpi, **kpi_extra)
+                safe_log_kpi(format_kpi(record), self.kpi_sink)
             yield result
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,18 @@ def process_sequence(
     progress: bool = True,
     source: str = "",
     gif: bool = False,
+    sync_audit: bool = True,
 ) -> dict[str, Any]:
     """Run every frame through ``pipeline`` and write the standard outputs into ``out_dir``.
 
     Outputs: segmentation.seq.nrrd (one labelmap per input frame, the input's geometry, one segment
     per tracked target), kpi.jsonl, summary.json, overlay.png (and overlay.gif when ``gif``).
+    ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler) into the KPIs.
     Returns the summary dict.
     """
     from tqdm import tqdm
 
+    from UltramotionIGTLib.audit.runtime import RuntimeTransferAudit
     from UltramotionIGTLib.io import write_segmentation_sequence
     from UltramotionIGTLib.kpi import JsonlKpiSink, format_kpi, safe_log_kpi
     from UltramotionIGTLib.overlay import save_overlay_gif, save_overlay_grid
@@ -90,11 +94,17 @@ def process_sequence(
             format_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}), sink
         )
         bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
-        for result in pipeline.run(frames, timestamps):
-            labelmaps.append(table.labelmap(result))
-            results.append(result)
-            bar.update(1)
+        with (
+            RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
+            if sync_audit
+            else nullcontext() as audit
+        ):
+            for result in pipeline.run(frames, timestamps, audit=audit):
+                labelmaps.append(table.labelmap(result))
+                results.append(result)
+                bar.update(1)
         bar.close()
+        audit_result = audit.result if audit is not None else None
         wall_s = time.perf_counter() - t_start
         import numpy as np
 
@@ -118,6 +128,8 @@ def process_sequence(
             "wall_s": wall_s,
             "fps": len(results) / wall_s if wall_s > 0 else None,
             "latency_ms": pipeline.latency.summary(),
+            "host_syncs_per_frame": audit_result.syncs_per_frame if audit_result else None,
+            "declared_hops_per_frame": audit_result.declared_per_frame if audit_result else None,
             "segments": [{"value": v, "name": name, "color": list(c)} for v, name, c in table.segments()],
             "outputs": sorted(p.name for p in out.iterdir()) + ["summary.json"],
         }
@@ -141,6 +153,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--max-frames", type=int, default=None, help="process only the first N frames")
     parser.add_argument("--gif", action="store_true", help="also write overlay.gif")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-sync-audit", action="store_true", help="do not count host syncs per frame (KPI host_syncs)"
+    )
     add_pipeline_arguments(parser)
     args = parser.parse_args(list(argv))
 
@@ -165,21 +180,24 @@ def main(argv: Sequence[str]) -> int:
         progress=not args.quiet,
         source=str(args.input),
         gif=args.gif,
+        sync_audit=not args.no_sync_audit,
     )
     print(_summary_line(summary, args.out))
     return 0
 
 
 def _summary_line(summary: dict[str, Any], out: str | Path) -> str:
-    e2e = summary["latency_ms"].get("end_to_end", {})
-    p50 = e2e.get("p50")
-    return (
-        f"{summary['frames_out']}/{summary['frames_in']} frames on {summary['device']} "
-        f"({summary['path']}), {summary['fps']:.1f} FPS, end-to-end p50 "
-        f"{p50:.1f} ms -> {out}"
-        if p50 is not None
-        else f"{summary['frames_out']} frames -> {out}"
-    )
+    p50 = summary["latency_ms"].get("end_to_end", {}).get("p50")
+    parts = [
+        f"{summary['frames_out']}/{summary['frames_in']} frames on {summary['device']} ({summary['path']})"
+    ]
+    if summary.get("fps"):
+        parts.append(f"{summary['fps']:.1f} FPS")
+    if p50 is not None:
+        parts.append(f"end-to-end p50 {p50:.1f} ms")
+    if summary.get("host_syncs_per_frame") is not None:
+        parts.append(f"{summary['host_syncs_per_frame']:.1f} host syncs/frame")
+    return ", ".join(parts) + f" -> {out}"
 
 
 def make_test_models_main(argv: Sequence[str]) -> int:
