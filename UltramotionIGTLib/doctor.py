@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# `UltramotionIGTLib.models` is the one place that knows where the shipped demo models live;
+# these names stay importable from the doctor for its callers. It imports no torch.
+from UltramotionIGTLib.models import (  # noqa: F401
+    SAM_SUFFIXES,
+    default_models,
+    find_sam_checkpoint,
+    models_root,
+)
+
 #: Below this much free GPU memory the pipeline may fail to allocate (MiB).
 LOW_GPU_MEMORY_MIB = 1024.0
 #: Oldest torch the library supports (pyproject: torch>=2.1).
 MIN_TORCH = (2, 1)
-#: Checkpoint file suffixes looked for in a SAM model folder, best first.
-SAM_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
 class CheckStatus(enum.Enum):
@@ -78,41 +85,6 @@ def format_report(results: Sequence[CheckResult]) -> str:
 
 def all_ok(results: Sequence[CheckResult]) -> bool:
     return all(r.ok for r in results)
-
-
-# -- default (shipped demo) models -------------------------------------------------------------------
-
-
-def models_root() -> Path:
-    """``Resources/Models`` beside the library: the same relative place in the source tree
-    (``<repo>/Resources/Models``) and in an installed Slicer extension
-    (``<qt-scripted-modules>/Resources/Models``, shipped next to ``UltramotionIGTLib/``)."""
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
-
-
-def find_sam_checkpoint(path: str | Path) -> Path | None:
-    """A SAM checkpoint file: ``path`` itself if it is a file, else the first checkpoint file in the
-    folder (``.safetensors`` preferred over ``.pth``/``.pt``, then by name); None if there is none."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        return None
-    for suffix in SAM_SUFFIXES:
-        found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix == suffix)
-        if found:
-            return found[0]
-    return None
-
-
-def default_models() -> dict[str, Path | None]:
-    """The shipped demo models: ``{"detector": folder or None, "sam": checkpoint file or None}``."""
-    root = models_root()
-    detector = root / "detector"
-    return {
-        "detector": detector if (detector / "config.json").is_file() else None,
-        "sam": find_sam_checkpoint(root / "sam"),
-    }
 
 
 # -- the checks --------------------------------------------------------------------------------------
