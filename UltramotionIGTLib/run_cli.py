@@ -64,13 +64,15 @@ def process_sequence(
     source: str = "",
     gif: bool = False,
     sync_audit: bool = True,
+    keep_results: bool = False,
 ) -> dict[str, Any]:
     """Run every frame through ``pipeline`` and write the standard outputs into ``out_dir``.
 
     Outputs: segmentation.seq.nrrd (one labelmap per input frame, the input's geometry, one segment
     per tracked target), kpi.jsonl, summary.json, overlay.png (and overlay.gif when ``gif``).
     ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler) into the KPIs.
-    Returns the summary dict.
+    Returns the summary dict (with the `HostResult` list under ``"results"`` when ``keep_results``;
+    it is not written to summary.json).
     """
     from tqdm import tqdm
 
@@ -137,6 +139,8 @@ def process_sequence(
     finally:
         sink.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if keep_results:
+        summary["results"] = results
     return summary
 
 
