@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
-PLUS   ?= ../shared/data/plus
 OUT    ?= out
 
 .PHONY: demo test lint setup clean
@@ -20,10 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ultramotion-igt make-test-models --out $(OUT)/test-models
-	$(BIN)/ultramotion-igt run --input $(PLUS)/SpinePhantomFreehand.igs.mha \
-	    --detector $(OUT)/test-models/detector --sam $(OUT)/test-models/sam/sam_vit_t_demo.safetensors \
-	    --device cpu --out $(OUT)/spine
+	$(BIN)/ultramotion-igt demo --out $(OUT)/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
