@@ -173,3 +173,38 @@ def cosine_lr(base_lr: float, steps: int, warmup: int = 100) -> Callable[[int], 
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return factor
+
+
+def add_training_arguments(
+    parser: Any, *, steps: int, batch_size: int, lr: float, checkpoint_every: int, heldout_frames: int = 200
+) -> None:
+    """The options every ``ultramotion-igt train ...`` command takes (defaults differ per model)."""
+    parser.add_argument("--out", required=True, help="output folder (resumed if it holds training-state.pt)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--heldout-frames", type=int, default=heldout_frames, help="0 skips the held-out metrics"
+    )
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def training_kwargs(ns: Any) -> dict[str, Any]:
+    """Keyword arguments for ``train_detector`` / ``train_sam`` from `add_training_arguments` options."""
+    return {
+        "steps": ns.steps,
+        "batch_size": ns.batch_size,
+        "lr": ns.lr,
+        "device": ns.device,
+        "seed": ns.seed,
+        "checkpoint_every": ns.checkpoint_every,
+        "resume": not ns.no_resume,
+        "progress": not ns.no_progress,
+        "threads": ns.threads,
+        "heldout_frames": ns.heldout_frames,
+    }

@@ -48,12 +48,14 @@ from UltramotionIGTLib.training.common import (
     TRAIN_SEQUENCES,
     PhantomFramePool,
     TrainingState,
+    add_training_arguments,
     cosine_lr,
     environment_record,
     heldout_set,
     load_training_state,
     save_training_state,
     seed_everything,
+    training_kwargs,
     write_json,
 )
 
@@ -445,31 +447,9 @@ def main(argv: Sequence[str]) -> int:
         prog="ultramotion-igt train detector",
         description="Train the small demo D-FINE (vessel, needle) on the synthetic phantom.",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (HF detector + training.json)")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--heldout-frames", type=int, default=200, help="0 skips the held-out AP50")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    parser.add_argument("--no-progress", action="store_true")
+    add_training_arguments(parser, steps=4000, batch_size=8, lr=6e-4, checkpoint_every=200)
     ns = parser.parse_args(list(argv))
-    record = train_detector(
-        ns.out,
-        steps=ns.steps,
-        batch_size=ns.batch_size,
-        lr=ns.lr,
-        device=ns.device,
-        seed=ns.seed,
-        checkpoint_every=ns.checkpoint_every,
-        resume=not ns.no_resume,
-        progress=not ns.no_progress,
-        threads=ns.threads,
-        heldout_frames=ns.heldout_frames,
-    )
+    record = train_detector(Path(ns.out), **training_kwargs(ns))
     ap = record.get("heldout_ap50", {})
     print(
         f"wrote {ns.out} in {record['environment']['wall_s']} s; held-out AP50: "

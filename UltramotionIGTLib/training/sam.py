@@ -58,12 +58,14 @@ from UltramotionIGTLib.training.common import (
     TRAIN_DATASET_SEED,
     PhantomFramePool,
     TrainingState,
+    add_training_arguments,
     cosine_lr,
     environment_record,
     heldout_set,
     load_training_state,
     save_training_state,
     seed_everything,
+    training_kwargs,
     write_json,
 )
 
@@ -397,36 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the small demo SAM (vit_t_demo) on the synthetic phantom with jittered "
         "ground-truth box prompts; writes sam_vit_t_demo.safetensors and training.json to --out.",
     )
-    p.add_argument("--out", required=True, help="output folder (resumed if it holds training-state.pt)")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--heldout-frames", type=int, default=HELDOUT_FRAMES, help="0 skips the final eval")
-    p.add_argument("--no-progress", action="store_true")
+    add_training_arguments(
+        p, steps=6000, batch_size=4, lr=1e-3, checkpoint_every=250, heldout_frames=HELDOUT_FRAMES
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ultramotion-igt train sam --out DIR [...]``; prints the held-out Dice. Returns 0."""
     a = build_parser().parse_args(list(argv) if argv is not None else None)
-    report = train_sam(
-        a.out,
-        steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        device=a.device,
-        seed=a.seed,
-        checkpoint_every=a.checkpoint_every,
-        resume=not a.no_resume,
-        progress=not a.no_progress,
-        threads=a.threads,
-        heldout_frames=a.heldout_frames,
-    )
+    report = train_sam(a.out, **training_kwargs(a))
     env = report["environment"]
     print(
         f"wrote {Path(a.out) / WEIGHTS_NAME} ({report['steps']} steps, {env['wall_s']} s on {env['device']})"
