@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
+from UltramotionIGTLib.metrics import box_iou_np
 from UltramotionIGTLib.packet import HostResult, ResultPacket, SegmentTable
-from UltramotionIGTLib.pipeline import _np_iou, compute_mask_weights, prepare_inference_inputs, select_prompts
+from UltramotionIGTLib.pipeline import compute_mask_weights, prepare_inference_inputs, select_prompts
 
 
 def test_prepare_inputs_gray_rgb_and_dtypes():
@@ -41,7 +42,7 @@ def _host_select(boxes, scores, labels, num_classes, k, thr, nms):
         order = [i for i in np.argsort(-scores, kind="stable") if labels[i] == c]
         kept = []
         for i in order[:k]:
-            if scores[i] > thr and all(_np_iou(boxes[i], boxes[j]) <= nms for j in kept):
+            if scores[i] > thr and all(box_iou_np(boxes[i], boxes[j])[0, 0] <= nms for j in kept):
                 kept.append(i)
         out.append(sorted(kept))
     return out
@@ -71,7 +72,7 @@ def test_select_prompts_matches_host_reference():
             assert set(got) <= set(ref[c]), (trial, got, ref[c])
             assert all(int(sl[r]) == c for r in range(c * 3, c * 3 + 3))
             if len(ref[c]) and not any(
-                _np_iou(boxes[i], boxes[j]) > 0.6
+                box_iou_np(boxes[i], boxes[j])[0, 0] > 0.6
                 for i in ref[c]
                 for j in range(q)
                 if labels[j] == c and i != j

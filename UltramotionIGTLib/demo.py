@@ -42,24 +42,22 @@ def demo_sequence(n_frames: int, seed: int | None = None):
 def sequence_dice(
     results: Sequence[Any], truth: Sequence[Any], class_names: Sequence[str]
 ) -> dict[str, float]:
-    """Mean Dice per class over frames where the class is predicted or present (union of masks)."""
-    from UltramotionIGTLib.metrics import dice
+    """Mean Dice per class over frames where the class is predicted or present (union of masks), the
+    rule of `evaluate.class_union_dice`; ``"mean"`` is over all (frame, class) pairs."""
+    from UltramotionIGTLib.evaluate import class_union_dice
 
     per_class: dict[str, list[float]] = {name: [] for name in class_names}
     for result, frame in zip(results, truth, strict=True):
-        for c, name in enumerate(class_names):
-            pred = (
-                result.masks[result.labels == c].any(axis=0)
-                if len(result)
-                else np.zeros(frame.image.shape, bool)
-            )
-            gt = (
-                frame.masks[frame.labels == c].any(axis=0)
-                if len(frame.labels)
-                else np.zeros(frame.image.shape, bool)
-            )
-            if pred.any() or gt.any():
-                per_class[name].append(dice(pred, gt))
+        shape = frame.image.shape
+        scores = class_union_dice(
+            result.masks.reshape(-1, *shape),
+            result.labels,
+            np.asarray(frame.masks, bool).reshape(-1, *shape),
+            frame.labels,
+            num_classes=len(class_names),
+        )
+        for c, value in scores.items():
+            per_class[class_names[c]].append(value)
     out = {name: float(np.mean(v)) for name, v in per_class.items() if v}
     every = [d for v in per_class.values() for d in v]
     out["mean"] = float(np.mean(every)) if every else float("nan")

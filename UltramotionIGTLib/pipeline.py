@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from UltramotionIGTLib.boxes import box_iou
 from UltramotionIGTLib.device import resolve_device
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 from UltramotionIGTLib.kpi import KpiSink, LatencyStats, StageTimer, format_kpi, safe_log_kpi
+from UltramotionIGTLib.metrics import box_iou_np
 from UltramotionIGTLib.packet import HostResult, ResultPacket
 
 LOG = logging.getLogger("UltramotionIGTLib.pipeline")
@@ -118,16 +120,6 @@ def compute_mask_weights(
     return weights, centroids, areas
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of Nx4 and Mx4 XYXY boxes -> NxM."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
-
-
 def select_prompts(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -153,7 +145,7 @@ def select_prompts(
     top_scores, top_idx = per_class.topk(k, dim=1)  # C x k, sorted descending
     sel_boxes = boxes[top_idx]  # C x k x 4
     valid = top_scores > score_threshold
-    iou = torch.stack([_box_iou(sel_boxes[c], sel_boxes[c]) for c in range(num_classes)])  # C x k x k
+    iou = box_iou(sel_boxes, sel_boxes)  # C x k x k
     earlier = torch.ones(k, k, device=scores.device, dtype=torch.bool).triu(diagonal=1)  # [i, j]: i < j
     suppressed = ((iou > nms_iou) & earlier[None] & valid[:, :, None]).any(dim=1)
     valid = valid & ~suppressed
@@ -312,6 +304,7 @@ class Pipeline:
             det_boxes = detections.boxes.detach().cpu().numpy()
             det_scores = detections.scores.detach().cpu().numpy()
             det_labels = detections.labels.detach().cpu().numpy()
+            det_iou = box_iou_np(det_boxes, det_boxes)
             chosen: list[int] = []
             for c in range(len(self.class_names)):
                 idx = [
@@ -323,7 +316,7 @@ class Pipeline:
                 for i in idx:
                     if len(kept) >= cfg.max_targets_per_class:
                         break
-                    if all(_np_iou(det_boxes[i], det_boxes[j]) <= cfg.nms_iou for j in kept):
+                    if all(det_iou[i, j] <= cfg.nms_iou for j in kept):
                         kept.append(i)
                 chosen.extend(kept)
         h, w = int(image.shape[0]), int(image.shape[1])
@@ -416,11 +409,3 @@ class Pipeline:
             "config": asdict(self.config),
             "class_names": list(self.class_names),
         }
-
-
-def _np_iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
