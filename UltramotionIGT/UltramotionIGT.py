@@ -484,31 +484,17 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
                 return candidate
         return None
 
-    @staticmethod
-    def demoModelsDir() -> Path | None:
-        """``Resources/Models``: beside the module once installed, at the repository root in a checkout."""
-        here = UltramotionIGTLogic.moduleDir()
-        for candidate in (here / "Resources" / "Models", here.parent / "Resources" / "Models"):
-            if candidate.is_dir():
-                return candidate
-        return None
+    def demoModelPaths(self):
+        """(detector folder, SAM checkpoint file) of the shipped demo models; None where absent.
 
-    @staticmethod
-    def demoModelPaths():
-        """(detector folder, SAM checkpoint file) of the shipped demo models; None where absent."""
-        root = UltramotionIGTLogic.demoModelsDir()
-        if root is None:
-            return None, None
-        detector = root / "detector"
-        sam = None
-        samDir = root / "sam"
-        if samDir.is_dir():
-            for suffix in (".safetensors", ".pth", ".pt"):
-                found = sorted(p for p in samDir.iterdir() if p.suffix == suffix)
-                if found:
-                    sam = found[0]
-                    break
-        return (detector if (detector / "config.json").is_file() else None), sam
+        One place knows where they live, installed or in a checkout: the library's
+        ``models.default_models`` (it imports no torch, so this works before the dependency check).
+        """
+        self.ensureLibraryImportable()
+        from UltramotionIGTLib.models import default_models
+
+        found = default_models()
+        return found["detector"], found["sam"]
 
     @staticmethod
     def _isUnset(path) -> bool:
