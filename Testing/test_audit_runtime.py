@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from UltramotionIGTLib.audit.report import runtime_compare_markdown
-from UltramotionIGTLib.audit.runtime import RuntimeTransferAudit
-from UltramotionIGTLib.hostsync import allowed_host_transfer
+from UltramotionIGTLib.core.hostsync import allowed_host_transfer
+from UltramotionIGTLib.tools.audit.report import runtime_compare_markdown
+from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
 
 HERE = Path(__file__).resolve()
 CWD = Path.cwd().resolve()
@@ -220,9 +220,9 @@ def test_cuda_profiler_and_sync_debug_mode():
 
 def test_cli_runtime_compare_on_the_real_pipeline(tmp_path, capsys):
     """The real pipeline (small random-weight models in the real formats) on the synthetic phantom."""
-    from UltramotionIGTLib.audit.cli import main as audit_main
-    from UltramotionIGTLib.detector import write_random_detector
-    from UltramotionIGTLib.segmenter import write_random_sam_checkpoint
+    from UltramotionIGTLib.core.detector import write_random_detector
+    from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
+    from UltramotionIGTLib.tools.audit.cli import main as audit_main
 
     detector = write_random_detector(tmp_path / "detector", seed=0)
     sam = write_random_sam_checkpoint(tmp_path / "sam.safetensors", model_type="vit_t_demo", seed=0)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from UltramotionIGTLib.audit.cli import main as audit_main
-from UltramotionIGTLib.audit.report import static_json, static_markdown
-from UltramotionIGTLib.audit.static import CATEGORIES, scan_paths
 from UltramotionIGTLib.errors import InputFileError
+from UltramotionIGTLib.tools.audit.cli import main as audit_main
+from UltramotionIGTLib.tools.audit.report import static_json, static_markdown
+from UltramotionIGTLib.tools.audit.static import CATEGORIES, scan_paths
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "audit"
 ENTRY = "fixture_pipeline.py:FixturePipeline.process_frame"
@@ -213,8 +213,8 @@ def test_hot_path_globs_and_not_hot():
 
 
 def test_missing_entry_marks_nothing_hot():
-    res = scan_paths([FIXTURES], root=FIXTURES)  # default entry: UltramotionIGTLib/pipeline.py
-    assert res.unresolved_entries == ["UltramotionIGTLib/pipeline.py:Pipeline.process_frame"]
+    res = scan_paths([FIXTURES], root=FIXTURES)  # default entry: UltramotionIGTLib/core/pipeline.py
+    assert res.unresolved_entries == ["UltramotionIGTLib/core/pipeline.py:Pipeline.process_frame"]
     assert res.hot_functions == [] and res.critical() == []
     assert "Entry not found" in static_markdown(res)
 
@@ -260,7 +260,7 @@ def test_cli_gate_fails_on_critical(capsys, tmp_path):
     for rel, func, _ in EXPECTED_CRITICAL:
         assert f"in {func}:" in err and rel in err
     assert f"fixture_pipeline.py:{_line_of('fixture_pipeline.py', 'return t.sum().item()')}:" in err
-    # training code alone has nothing critical: the gate passes
+    # training code alone holds no per-frame entry point: a gate that checked nothing does not pass
     out = tmp_path / "audit.json"
     argv = [
         str(FIXTURES / "training"),
@@ -273,9 +273,11 @@ def test_cli_gate_fails_on_critical(capsys, tmp_path):
         "-o",
         str(out),
     ]
-    assert audit_main(argv) == 0
-    data = json.loads(out.read_text())
+    with pytest.raises(InputFileError, match="per-frame entry point not found"):
+        audit_main(argv)
+    data = json.loads(out.read_text())  # the report is still written, for the reader
     assert data["by_severity"]["minor"] == 2 and data["files_scanned"] == 1
+    assert data["hot_path_functions"] == []
 
 
 def test_cli_missing_path_is_a_user_error():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from UltramotionIGTLib.bench import main as bench_main
+from UltramotionIGTLib.tools.bench import main as bench_main
 
 
 def test_bench_pipeline_reports_both_paths_and_their_syncs(capsys):

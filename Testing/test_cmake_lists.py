@@ -7,6 +7,7 @@ from the installed extension. These tests read the CMake files (no CMake or Slic
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -121,11 +122,55 @@ def test_icon_url_points_at_the_icon_in_this_repository(top):
     )
 
 
-def test_every_library_py_file_is_shipped_and_nothing_else(top):
+def _library_imports(path: Path) -> set[str]:
+    """Every ``UltramotionIGTLib...`` module name a file imports, at module scope or inside functions."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("UltramotionIGTLib"):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("UltramotionIGTLib"))
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of a dotted module name under the repository (None for a name that is not a module)."""
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def module_import_closure() -> set[str]:
+    """Library files the Slicer module needs: what UltramotionIGT.py imports, transitively, with the
+    packages that hold them."""
+    todo = list(_library_imports(MODULE_DIR / "UltramotionIGT.py"))
+    seen: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += _library_imports(path)
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def test_the_library_files_the_module_imports_are_shipped_and_nothing_else(top):
     listed = variables(top)["UltramotionIGTLib_PYTHON_SCRIPTS"]
+    needed = module_import_closure()
+    assert {"UltramotionIGTLib/__init__.py", "UltramotionIGTLib/core/pipeline.py"} <= needed
+    assert_same(listed, needed, "UltramotionIGTLib .py files the module imports", TOP)
     on_disk = {f"UltramotionIGTLib/{p}" for p in files_under(LIB_DIR, "*.py")}
-    assert "UltramotionIGTLib/__init__.py" in on_disk
-    assert_same(listed, on_disk, "UltramotionIGTLib .py files", TOP)
+    assert set(listed) <= on_disk
+    tools = {"training", "benchmarks", "audit"}
+    assert not [f for f in listed if tools & set(Path(f).parts)], (
+        "command-line tools are not shipped to Slicer"
+    )
 
 
 def test_library_data_files_are_listed(top):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from UltramotionIGTLib.detector import (
+from UltramotionIGTLib.core.detector import (
     CONFIG_NAME,
     PREPROCESSOR_NAME,
     WEIGHTS_NAME,

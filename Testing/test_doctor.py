@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from UltramotionIGTLib import cli, doctor
-from UltramotionIGTLib.doctor import CheckResult, CheckStatus, format_report, run_checks
+from UltramotionIGTLib.tools import cli, doctor
+from UltramotionIGTLib.tools.doctor import CheckResult, CheckStatus, format_report, run_checks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HAS_MODEL_CODE = all(
-    importlib.util.find_spec(f"UltramotionIGTLib.{m}") is not None
-    for m in ("detector", "segmenter", "pipeline")
-)
-needs_model_code = pytest.mark.skipif(
-    not HAS_MODEL_CODE, reason="UltramotionIGTLib.detector/segmenter/pipeline not in this checkout yet"
-)
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -29,10 +21,8 @@ def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
 @pytest.fixture(scope="module")
 def test_models(tmp_path_factory) -> tuple[Path, Path]:
     """Small random-weight models in the real formats (HF D-FINE folder, SAM safetensors)."""
-    if not HAS_MODEL_CODE:
-        pytest.skip("model code not in this checkout yet")
-    from UltramotionIGTLib.detector import write_random_detector
-    from UltramotionIGTLib.segmenter import write_random_sam_checkpoint
+    from UltramotionIGTLib.core.detector import write_random_detector
+    from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 
     out = tmp_path_factory.mktemp("models")
     det = write_random_detector(out / "detector", image_size=128, seed=0)
@@ -138,7 +128,6 @@ def test_main_exit_code_and_json(tmp_path, capsys):
     assert "[FAIL] detector files" in out
 
 
-@needs_model_code
 def test_corrupt_checkpoints_fail_to_load(tmp_path):
     det = tmp_path / "detector"
     det.mkdir()
@@ -154,7 +143,6 @@ def test_corrupt_checkpoints_fail_to_load(tmp_path):
     assert checks["warm-up"].status is CheckStatus.SKIP
 
 
-@needs_model_code
 def test_real_models_load_and_warm_up(test_models):
     det, sam = test_models
     results = run_checks(device="cpu", detector_dir=det, sam_checkpoint=sam, sam_type="vit_t_demo")

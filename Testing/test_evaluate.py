@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from UltramotionIGTLib import CLASS_NAMES, cli
-from UltramotionIGTLib import evaluate as ev
-from UltramotionIGTLib.detector import DFineDetector, write_random_detector
-from UltramotionIGTLib.metrics import average_precision, dice
-from UltramotionIGTLib.models import MANIFEST_NAME, models_root, write_manifest
-from UltramotionIGTLib.pipeline import Pipeline, PipelineConfig
-from UltramotionIGTLib.segmenter import SamSegmenter, write_random_sam_checkpoint
-from UltramotionIGTLib.training.common import heldout_set
+from UltramotionIGTLib import CLASS_NAMES
+from UltramotionIGTLib.core.detector import DFineDetector, write_random_detector
+from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+from UltramotionIGTLib.core.sam import SamSegmenter, write_random_sam_checkpoint
+from UltramotionIGTLib.models.packs import MANIFEST_NAME, models_root, write_manifest
+from UltramotionIGTLib.tools import cli
+from UltramotionIGTLib.tools import evaluate as ev
+from UltramotionIGTLib.tools.metrics import average_precision, dice
+from UltramotionIGTLib.tools.training.common import heldout_set
 
 #: Held-out frames for the acceptance test: ~25-30 s on one core of the 2-core dev machine.
 ACCEPTANCE_FRAMES = 100

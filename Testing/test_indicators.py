@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from UltramotionIGTLib.indicators import (
+from UltramotionIGTLib.core.kpi import LatencyStats, format_kpi
+from UltramotionIGTLib.slicer.indicators import (
     MISSING,
     PATH_COLORS,
     KpiSnapshot,
@@ -22,7 +23,6 @@ from UltramotionIGTLib.indicators import (
     ordered_stages,
     status_light,
 )
-from UltramotionIGTLib.kpi import LatencyStats, format_kpi
 
 
 def _running(**kw) -> KpiSnapshot:

@@ -13,10 +13,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-c
 vtk = pytest.importorskip("vtk")
 ndimage = pytest.importorskip("scipy.ndimage")
 
-from UltramotionIGTLib import mrml  # noqa: E402
-from UltramotionIGTLib.kpi import MemoryKpiSink  # noqa: E402
-from UltramotionIGTLib.live import LiveSession, ReplaySession, SessionState, replay_sequence  # noqa: E402
-from UltramotionIGTLib.packet import HostResult  # noqa: E402
+from UltramotionIGTLib.core.kpi import MemoryKpiSink  # noqa: E402
+from UltramotionIGTLib.core.packet import HostResult  # noqa: E402
+from UltramotionIGTLib.slicer import mrml  # noqa: E402
+from UltramotionIGTLib.slicer.sessions import LiveSession, ReplaySession, SessionState, replay_sequence  # noqa: E402
 
 
 def threshold_targets(
@@ -341,7 +341,8 @@ def test_latency_from_acquisition_time_when_the_sender_provides_one(stream):
     snapshot = session.kpi_snapshot()
     assert snapshot["frames_processed"] == 3 and snapshot["mask_frame_index"] == 2
     assert snapshot["end_to_end_ms"]["p50"] is not None and "mrml" in snapshot["stage_latency_ms"]
-    indicators = pytest.importorskip("UltramotionIGTLib.indicators")
+    from UltramotionIGTLib.slicer import indicators
+
     panel = indicators.format_kpi_panel(indicators.KpiSnapshot.from_dict(snapshot))
     assert isinstance(panel, str) and panel
     session.stop()
@@ -478,8 +479,8 @@ def test_replay_into_a_sequence_node_and_stop_on_removal(context):
 def test_live_session_with_the_real_pipeline(tmp_path, stream):
     """The lead's pipeline (random-weight D-FINE + SAM in their real checkpoint formats) as process_frame."""
     pytest.importorskip("torch")
-    from UltramotionIGTLib.pipeline import Pipeline, PipelineConfig
-    from UltramotionIGTLib.run_cli import make_test_models_main
+    from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+    from UltramotionIGTLib.tools.run import make_test_models_main
 
     assert make_test_models_main(["--out", str(tmp_path)]) == 0
     pipeline = Pipeline.from_paths(

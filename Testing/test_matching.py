@@ -10,16 +10,15 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
-from UltramotionIGTLib.matching import (
+from UltramotionIGTLib.core.assignment import (
     STATUS_INFEASIBLE,
     STATUS_INVALID,
-    HungarianMatcher,
     batched_linear_sum_assignment,
     linear_sum_assignment,
     linear_sum_assignment_nosync,
-    patched_transformers_matcher,
     scipy_linear_sum_assignment,
 )
+from UltramotionIGTLib.tools.training.matcher import HungarianMatcher, patched_transformers_matcher
 
 KINDS = ("ties", "int", "float", "huge", "forbidden")
 
@@ -245,7 +244,7 @@ def test_sync_free_entry_points_make_no_host_hop():
 
 
 def test_public_function_makes_exactly_one_declared_hop():
-    from UltramotionIGTLib import hostsync
+    from UltramotionIGTLib.core import hostsync
 
     seen = []
     original = torch.Tensor.__int__
@@ -299,7 +298,7 @@ def test_cuda_solve_without_sync_and_equal_to_scipy():
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_solve_without_sync():
-    from UltramotionIGTLib.matching import GraphedAssignment
+    from UltramotionIGTLib.core.assignment import GraphedAssignment
 
     rng = np.random.default_rng(12)
     solver = GraphedAssignment(4, 30, 12, device="cuda")  # the capture synchronises once, here
@@ -392,7 +391,7 @@ def test_patched_transformers_matcher_restores_the_original():
 def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
     """A real (tiny) transformers D-FINE computes the same training loss with our matcher swapped in."""
     transformers = pytest.importorskip("transformers")
-    from UltramotionIGTLib.detector import small_dfine_config
+    from UltramotionIGTLib.core.detector import small_dfine_config
 
     calls = []
     original_forward = HungarianMatcher.forward

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from UltramotionIGTLib.metrics import average_precision, box_iou_np, dice
+from UltramotionIGTLib.tools.metrics import average_precision, box_iou_np, dice
 
 
 def test_box_iou_hand_values():

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from UltramotionIGTLib import CLASS_NAMES, cli, models
-from UltramotionIGTLib.detector import DFineDetector, write_random_detector
+from UltramotionIGTLib import CLASS_NAMES
+from UltramotionIGTLib.core.detector import DFineDetector, write_random_detector
+from UltramotionIGTLib.core.sam import SamSegmenter, write_random_sam_checkpoint
 from UltramotionIGTLib.errors import CheckpointError
-from UltramotionIGTLib.models import (
+from UltramotionIGTLib.models import packs as models
+from UltramotionIGTLib.models.packs import (
     MANIFEST_NAME,
     import_pack,
     load_pack,
@@ -29,7 +31,7 @@ from UltramotionIGTLib.models import (
     write_manifest,
     zip_pack,
 )
-from UltramotionIGTLib.segmenter import SamSegmenter, write_random_sam_checkpoint
+from UltramotionIGTLib.tools import cli
 
 
 @pytest.fixture(scope="module")

@@ -103,12 +103,12 @@ def test_the_scan_sees_module_scope_imports():
     """The scan above is not vacuous: it finds imports hidden in try/if/class bodies."""
     sample = ast.parse(
         "try:\n import torch\nexcept ImportError:\n pass\n"
-        "class A:\n from UltramotionIGTLib import doctor\n"
+        "class A:\n from UltramotionIGTLib.tools import doctor\n"
         "def f():\n import scipy\n"
         "import importlib\nx = importlib.import_module('transformers')\n"
     )
     found = sorted(n for node in module_scope_nodes(sample) for n in imported_modules(node))
-    assert found == ["UltramotionIGTLib", "importlib", "torch", "transformers"]
+    assert found == ["UltramotionIGTLib.tools", "importlib", "torch", "transformers"]
 
 
 def test_heavy_modules_are_imported_lazily_somewhere(tree):

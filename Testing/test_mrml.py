@@ -8,9 +8,9 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) provides MRML")
 vtk = pytest.importorskip("vtk")
 
-from UltramotionIGTLib import mrml  # noqa: E402
+from UltramotionIGTLib.core.packet import CLASS_COLORS, HostResult  # noqa: E402
 from UltramotionIGTLib.errors import UnsupportedImageTypeError  # noqa: E402
-from UltramotionIGTLib.packet import CLASS_COLORS, HostResult  # noqa: E402
+from UltramotionIGTLib.slicer import mrml  # noqa: E402
 
 
 @pytest.fixture()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from UltramotionIGTLib.core.packet import HostResult, ResultPacket, SegmentTable
+from UltramotionIGTLib.core.pipeline import compute_mask_weights, prepare_inference_inputs, select_prompts
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
-from UltramotionIGTLib.metrics import box_iou_np
-from UltramotionIGTLib.packet import HostResult, ResultPacket, SegmentTable
-from UltramotionIGTLib.pipeline import compute_mask_weights, prepare_inference_inputs, select_prompts
+from UltramotionIGTLib.tools.metrics import box_iou_np
 
 
 def test_prepare_inputs_gray_rgb_and_dtypes():

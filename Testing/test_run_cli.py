@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from UltramotionIGTLib.detector import write_random_detector
+from UltramotionIGTLib.core.detector import write_random_detector
+from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 from UltramotionIGTLib.io import read_segmentation_sequence, read_sequence
-from UltramotionIGTLib.segmenter import write_random_sam_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from UltramotionIGTLib.errors import CheckpointError, UnsupportedImageTypeError
-from UltramotionIGTLib.segmenter import (
+from UltramotionIGTLib.core.sam import (
     SAM_CONFIGS,
     SamConfig,
     SamOutput,
@@ -34,6 +33,7 @@ from UltramotionIGTLib.segmenter import (
     sidecar_config_path,
     write_random_sam_checkpoint,
 )
+from UltramotionIGTLib.errors import CheckpointError, UnsupportedImageTypeError
 
 # A second small architecture (not in the registry) for the custom-config formats: 128 input with
 # window 5 so that windowed attention pads (8x8 tokens -> 10x10).

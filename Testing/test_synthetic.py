@@ -1,4 +1,4 @@
-"""Tests of the synthetic ultrasound phantom (UltramotionIGTLib.synthetic).
+"""Tests of the synthetic ultrasound phantom (UltramotionIGTLib.tools.phantom).
 
 Physics checks compare two renderings of the same seed that differ in one parameter (the random
 draws do not depend on parameter values), so the expected direction and rough size of each effect
@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from UltramotionIGTLib import CLASS_NAMES
-from UltramotionIGTLib.synthetic import (
+from UltramotionIGTLib.tools.phantom import (
     NEEDLE_ID_OFFSET,
     NEEDLE_LABEL,
     VESSEL_LABEL,

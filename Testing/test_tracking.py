@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_matching import count_host_hops
 
-from UltramotionIGTLib.tracking import Tracker
+from UltramotionIGTLib.core.tracking import Tracker
 
 K = 8  # detection slots per frame, as the pipeline uses (max_targets_per_class x classes)
 
@@ -150,7 +150,8 @@ def test_update_makes_no_host_hop():
 
 def test_phantom_targets_keep_one_track_id():
     """Ground truth of the synthetic phantom + box noise, dropouts and false positives."""
-    synthetic = pytest.importorskip("UltramotionIGTLib.synthetic")
+    from UltramotionIGTLib.tools import phantom as synthetic
+
     stream = synthetic.PhantomStream(synthetic.PhantomConfig(height=128, width=128), seed=3, n_frames=90)
     rng = np.random.default_rng(6)
     frames = []

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from UltramotionIGTLib import CLASS_NAMES
-from UltramotionIGTLib.detector import DFineDetector
-from UltramotionIGTLib.training import cli as train_cli
-from UltramotionIGTLib.training.common import CHECKPOINT_NAME, heldout_set
-from UltramotionIGTLib.training.detector import detector_ap50, train_detector
+from UltramotionIGTLib.core.detector import DFineDetector
+from UltramotionIGTLib.tools.training import cli as train_cli
+from UltramotionIGTLib.tools.training.common import CHECKPOINT_NAME, heldout_set
+from UltramotionIGTLib.tools.training.detector import detector_ap50, train_detector
 
 #: a tiny D-FINE and a small phantom pool, so that every run here takes a few seconds on one core
 TINY = dict(

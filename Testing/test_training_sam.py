@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from UltramotionIGTLib.core.sam import SAM_CONFIGS, SamSegmenter, build_sam_model
 from UltramotionIGTLib.errors import CheckpointError
-from UltramotionIGTLib.segmenter import SAM_CONFIGS, SamSegmenter, build_sam_model
-from UltramotionIGTLib.training import cli as train_cli
-from UltramotionIGTLib.training.common import CHECKPOINT_NAME, PhantomFramePool
-from UltramotionIGTLib.training.sam import (
+from UltramotionIGTLib.tools.training import cli as train_cli
+from UltramotionIGTLib.tools.training.common import CHECKPOINT_NAME, PhantomFramePool
+from UltramotionIGTLib.tools.training.sam import (
     WEIGHTS_NAME,
     PromptJitter,
     jitter_boxes,

@@ -491,7 +491,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         ``models.default_models`` (it imports no torch, so this works before the dependency check).
         """
         self.ensureLibraryImportable()
-        from UltramotionIGTLib.models import default_models
+        from UltramotionIGTLib.models.packs import default_models
 
         found = default_models()
         return found["detector"], found["sam"]
@@ -602,7 +602,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         Returns (report text, ready). Works before torch is installed: it then says so.
         """
         self.ensureLibraryImportable()
-        from UltramotionIGTLib import doctor
+        from UltramotionIGTLib.tools import doctor
 
         results = doctor.run_checks(
             device=parameterNode.device.value,
@@ -621,7 +621,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
     def loadPipeline(self, parameterNode):
         """Load (or reuse) the pipeline for the node's models, device and thresholds."""
         self.checkDependencies()
-        from UltramotionIGTLib.pipeline import Pipeline, PipelineConfig
+        from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
 
         detector, sam = self.demoModelPaths()
         detectorPath = (
@@ -701,8 +701,8 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
                 )
         parameterNode.statusMessage = _("Loading models...")
         self.loadPipeline(parameterNode)
-        from UltramotionIGTLib import live
-        from UltramotionIGTLib.indicators import KpiTracker
+        from UltramotionIGTLib.slicer import sessions as live
+        from UltramotionIGTLib.slicer.indicators import KpiTracker
 
         if not parameterNode.outputSegmentation:
             segmentation = slicer.mrmlScene.AddNewNodeByClass(
@@ -812,7 +812,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         """The current `KpiSnapshot` (None before anything was processed or started)."""
         if self.kpiTracker is None:
             return None
-        from UltramotionIGTLib.indicators import KpiSnapshot, gpu_memory_mb
+        from UltramotionIGTLib.slicer.indicators import KpiSnapshot, gpu_memory_mb
 
         node = self._parameterNode
         session = self.session
@@ -841,7 +841,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         snap = self.kpiSnapshot()
         if snap is None:
             return ""
-        from UltramotionIGTLib.indicators import format_corner_annotation
+        from UltramotionIGTLib.slicer.indicators import format_corner_annotation
 
         return format_corner_annotation(snap)
 
@@ -850,7 +850,11 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         snap = self.kpiSnapshot()
         if snap is None:
             return None
-        from UltramotionIGTLib.indicators import format_corner_annotation, format_kpi_panel, status_light
+        from UltramotionIGTLib.slicer.indicators import (
+            format_corner_annotation,
+            format_kpi_panel,
+            status_light,
+        )
 
         light = status_light(snap)
         return {
@@ -884,8 +888,8 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
         detector, sam = logic.demoModelPaths()
         if detector is not None and sam is not None:
             return detector, sam, SamType.AUTO, True
-        from UltramotionIGTLib.detector import write_random_detector
-        from UltramotionIGTLib.segmenter import write_random_sam_checkpoint
+        from UltramotionIGTLib.core.detector import write_random_detector
+        from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 
         folder = Path(slicer.app.temporaryPath) / "UltramotionIGTTest"
         detector = write_random_detector(folder / "detector", image_size=128, seed=0)
@@ -898,8 +902,8 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
             logic.checkDependencies()
         except InstallError as error:
             self.skipTest(f"dependencies missing: {error}")
-        from UltramotionIGTLib import mrml
-        from UltramotionIGTLib.synthetic import PhantomStream
+        from UltramotionIGTLib.slicer import mrml
+        from UltramotionIGTLib.tools.phantom import PhantomStream
 
         self.delayDisplay("Synthetic stream with rotated axes, anisotropic spacing and an offset origin")
         stream = PhantomStream(seed=3, n_frames=8)
@@ -960,7 +964,7 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
         """Each target has a segment whose voxels are its mask, on the volume's IJK-to-RAS grid."""
         import numpy as np
 
-        from UltramotionIGTLib.mrml import unique_segment_names
+        from UltramotionIGTLib.slicer.mrml import unique_segment_names
 
         names = unique_segment_names(result)
         segmentation = segmentationNode.GetSegmentation()
@@ -981,7 +985,7 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
         """With the trained demo models: every true vessel is found (mask Dice >= 0.5)."""
         import numpy as np
 
-        from UltramotionIGTLib.synthetic import VESSEL_LABEL
+        from UltramotionIGTLib.tools.phantom import VESSEL_LABEL
 
         for label, mask in zip(truth.labels, truth.masks, strict=True):
             if int(label) != VESSEL_LABEL:

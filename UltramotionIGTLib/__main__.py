@@ -1,5 +1,5 @@
 import sys
 
-from UltramotionIGTLib.cli import main
+from UltramotionIGTLib.tools.cli import main
 
 sys.exit(main())

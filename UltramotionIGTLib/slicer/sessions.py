@@ -1,0 +1,715 @@
+"""Live and replay sessions: frames from MRML in, segmentation nodes out. Qt-free.
+
+The Slicer module's logic drives these (a QTimer calls `LiveSession.process_pending`, or
+`ReplaySession.step`); the tests drive the same objects on slicer-core in a loop. MRML is touched
+only through `UltramotionIGTLib.slicer.mrml` and only on the calling (main) thread.
+
+Live mode (`LiveSession`): the input volume's ``ImageDataModifiedEvent`` (fired by OpenIGTLink and
+by the sequence browser for every new frame) only marks a frame as pending in a single slot; a
+newer frame replaces a pending one and the replaced one is counted as dropped, so memory stays flat
+however fast the producer is. ``process_pending()`` runs the newest pending frame through
+``process_frame`` and writes the result into the output segmentation. The session stops itself,
+with a status message and without raising, when the input or output node is removed, the scene is
+closed, the frame geometry changes (dimensions, spacing or direction) or processing fails.
+
+Replay mode (`ReplaySession`, `replay_sequence`): every frame of a volume sequence, in order,
+nothing dropped, into a segmentation sequence with the same index values as the input.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from UltramotionIGTLib.core.kpi import KpiSink, LatencyStats, format_kpi, safe_log_kpi
+from UltramotionIGTLib.slicer import mrml
+
+if TYPE_CHECKING:
+    from UltramotionIGTLib.core.packet import HostResult
+
+LOG = logging.getLogger("UltramotionIGTLib.slicer.sessions")
+
+#: ``process_frame(frame, frame_index, timestamp) -> HostResult``. ``frame``: HxW (grayscale) or
+#: HxWx3 (RGB) numpy array on the host, a zero-copy view of the volume's voxels in "newest" mode:
+#: valid during the call only. ``timestamp``: acquisition time (sender's clock) when the sender
+#: provides one, else arrival time (Unix seconds).
+ProcessFrame = Callable[[Any, int, "float | None"], "HostResult"]
+
+#: Acquisition timestamps within this many seconds of the arrival time are taken to be on the same
+#: (Unix) clock; others are on the sender's own clock (PLUS) and are offset-corrected.
+SAME_CLOCK_TOLERANCE_S = 5.0
+
+
+class SessionState(str, enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+    ERROR = "error"
+
+
+class DropPolicy(str, enum.Enum):
+    NEWEST = "newest"
+    EVERY_NTH = "every_nth"
+
+
+@dataclass
+class _Pending:
+    index: int  # arrival number of the frame (0-based)
+    arrival: float  # Unix seconds
+    acquisition: float | None  # sender's timestamp, if any
+    snapshot: np.ndarray | None  # copy of the frame (every-Nth policy), else read from the node
+
+
+def _observer(session: Any, method_name: str, with_calldata: bool = False) -> Callable[..., None]:
+    """A VTK observer callback that calls ``session.<method_name>`` through a weak reference (the
+    observed node does not keep the session alive) and never lets an exception reach VTK."""
+    ref = weakref.ref(session)
+
+    def callback(caller: Any, event: Any, calldata: Any = None) -> None:
+        target = ref()
+        if target is None:
+            return
+        try:
+            if with_calldata:
+                getattr(target, method_name)(calldata)
+            else:
+                getattr(target, method_name)()
+        except Exception:  # noqa: BLE001 - an observer must not raise into VTK/Qt
+            LOG.exception("UltramotionIGT observer %s failed", method_name)
+
+    if with_calldata:
+        import vtk
+
+        callback.CallDataType = vtk.VTK_OBJECT
+    return callback
+
+
+class _ObserverSet:
+    """Our own observer tags, removed one by one (never ``RemoveObservers(event)``, which would
+    also remove other modules' observers of that event)."""
+
+    def __init__(self) -> None:
+        self._tags: list[tuple[Any, int]] = []
+
+    def add(self, obj: Any, event: int, callback: Callable[..., None]) -> None:
+        self._tags.append((obj, obj.AddObserver(event, callback)))
+
+    def remove_all(self) -> None:
+        for obj, tag in self._tags:
+            try:
+                obj.RemoveObserver(tag)
+            except Exception:  # noqa: BLE001 - object already gone: nothing left to remove
+                LOG.debug("observer %s already removed", tag)
+        self._tags.clear()
+
+
+class LiveSession:
+    """Segment a live volume node frame by frame into a segmentation node.
+
+    Args:
+        input_volume_node: vtkMRMLScalarVolumeNode / vtkMRMLVectorVolumeNode with one slice (the
+            OpenIGTLink image node, or a sequence browser's proxy volume).
+        output_segmentation_node: vtkMRMLSegmentationNode; one segment per tracked target
+            (``vessel-3``), written in place each frame. Its parent transform is set to the input's.
+        process_frame: ``(frame, frame_index, timestamp) -> HostResult``; frame HxW or HxWx3 numpy
+            (see `ProcessFrame`). With the pipeline:
+            ``lambda f, i, t: pipeline.process_frame(f, i, t).to_host()``.
+        drop_policy: ``"newest"`` (default: process the newest frame, drop the ones that arrived
+            while busy) or ``"every_nth"`` (take every ``every_nth``-th arriving frame, skip the
+            others; a taken frame is copied into one reused buffer at arrival, so it is processed
+            even if newer frames arrive before ``process_pending``; if a taken frame is still
+            pending when the next taken one arrives, the older one is dropped).
+        every_nth: N for ``"every_nth"`` (>= 1).
+        status_callback: called with one str, the new status message, when the session starts,
+            stops or fails (not per frame).
+        kpi_sink: a `UltramotionIGTLib.core.kpi.KpiSink`; receives one ``"frame"`` record per processed
+            frame and a ``"live_stop"`` summary.
+        markups_node: optional vtkMRMLMarkupsFiducialNode for the targets' weighted centroids.
+
+    Counters: ``frames_received`` (arrivals), ``frames_processed``, ``frames_dropped`` (received,
+    never processed: replaced while pending, skipped by the policy, pending at stop or failed);
+    ``frames_skipped`` is the policy's share of the drops. Always ``frames_received ==
+    frames_processed + frames_dropped + (1 if a frame is pending else 0)``.
+
+    Latency (``latency`` `LatencyStats`, stage ``end_to_end``) runs from the frame's acquisition
+    time (OpenIGTLink metadata, see `mrml.TIMESTAMP_ATTRIBUTES`) when the sender provides one, else
+    from its arrival, to the end of the segmentation update. A sender clock that is not Unix time
+    (PLUS) is aligned by the smallest arrival-minus-acquisition difference seen so far.
+    """
+
+    def __init__(
+        self,
+        input_volume_node: Any,
+        output_segmentation_node: Any,
+        process_frame: ProcessFrame,
+        drop_policy: str = "newest",
+        every_nth: int = 1,
+        status_callback: Callable[[str], None] | None = None,
+        kpi_sink: KpiSink | None = None,
+        markups_node: Any = None,
+    ) -> None:
+        try:
+            self.drop_policy = DropPolicy(drop_policy)
+        except ValueError:
+            raise ValueError(f"drop_policy must be 'newest' or 'every_nth', got {drop_policy!r}") from None
+        if int(every_nth) < 1:
+            raise ValueError(f"every_nth must be >= 1, got {every_nth}")
+        if input_volume_node is None or not input_volume_node.IsA("vtkMRMLVolumeNode"):
+            raise ValueError("input_volume_node must be a volume node (vtkMRMLScalarVolumeNode or vector)")
+        if output_segmentation_node is None or not output_segmentation_node.IsA("vtkMRMLSegmentationNode"):
+            raise ValueError("output_segmentation_node must be a vtkMRMLSegmentationNode")
+        if input_volume_node.GetScene() is None:
+            raise ValueError(f"input volume {mrml._node_label(input_volume_node)} is not in a scene")
+        self.input_volume_node = input_volume_node
+        self.output_segmentation_node = output_segmentation_node
+        self.markups_node = markups_node
+        self.process_frame = process_frame
+        self.every_nth = int(every_nth)
+        self.status_callback = status_callback
+        self.kpi_sink = kpi_sink
+        self.scene = input_volume_node.GetScene()
+
+        self.state = SessionState.IDLE
+        self.status_message = "idle"
+        self.frames_received = 0
+        self.frames_processed = 0
+        self.frames_dropped = 0
+        self.frames_skipped = 0
+        self.latency = LatencyStats(window=300)
+        self.latency_reference: str | None = None
+        self.last_result: HostResult | None = None
+        self.last_frame_index: int | None = None
+        self.last_update_time: float | None = None  # Unix seconds of the last segmentation update
+        self.geometry: mrml.FrameGeometry | None = None
+        self.writer: mrml.SegmentationWriter | None = None
+        self.points_writer: mrml.TargetPointsWriter | None = None
+        self._pending: _Pending | None = None
+        self._buffer: np.ndarray | None = None
+        self._observers = _ObserverSet()
+        self._clock_offset: float | None = None
+        self._done_at: deque[float] = deque(maxlen=60)
+        self._targets: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.state == SessionState.RUNNING
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def start(self, process_current: bool = True) -> None:
+        """Observe the input and the scene. With ``process_current`` the frame already in the input
+        (if any) is marked pending, so that ``process_pending`` shows a result at once."""
+        if self.state == SessionState.RUNNING:
+            return
+        if self.input_volume_node.GetScene() is None or self.output_segmentation_node.GetScene() is None:
+            self._set_state(SessionState.ERROR, "cannot start: the input or output node is not in the scene")
+            return
+        import slicer
+
+        # masks are written in the input's local RAS: show them under the same transform
+        transform_id = self.input_volume_node.GetTransformNodeID()
+        for node in (self.output_segmentation_node, self.markups_node):
+            if node is not None and node.GetTransformNodeID() != transform_id:
+                node.SetAndObserveTransformNodeID(transform_id)
+        self._observers.add(
+            self.input_volume_node,
+            slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent,
+            _observer(self, "_on_frame_arrived"),
+        )
+        self._observers.add(
+            self.scene,
+            slicer.vtkMRMLScene.NodeAboutToBeRemovedEvent,
+            _observer(self, "_on_node_removed", True),
+        )
+        self._observers.add(
+            self.scene, slicer.vtkMRMLScene.NodeRemovedEvent, _observer(self, "_on_node_removed", True)
+        )
+        self._observers.add(
+            self.scene, slicer.vtkMRMLScene.StartCloseEvent, _observer(self, "_on_scene_closing")
+        )
+        self.geometry = None
+        self.writer = None
+        self.points_writer = None
+        self._set_state(
+            SessionState.RUNNING,
+            f"running on {mrml._node_label(self.input_volume_node)} "
+            f"({self.drop_policy.value}{'' if self.every_nth == 1 else f', N={self.every_nth}'})",
+        )
+        if process_current and self.input_volume_node.GetImageData() is not None:
+            self._on_frame_arrived()
+
+    def stop(self, reason: str = "stopped by user") -> None:
+        """Stop observing and processing (idempotent; never raises). A pending frame is dropped."""
+        self._finish(SessionState.STOPPED, reason)
+
+    def _finish(self, state: SessionState, reason: str) -> None:
+        if self.state not in (SessionState.RUNNING, SessionState.IDLE):
+            return
+        self._observers.remove_all()
+        if self._pending is not None:
+            self._pending = None
+            self.frames_dropped += 1
+        self._set_state(state, reason)
+        if self.kpi_sink is not None:
+            record = {
+                "event": "live_stop",
+                "reason": reason,
+                **self.counters(),
+                "latency_ms": self.latency.summary(),
+            }
+            safe_log_kpi(format_kpi(record), self.kpi_sink)
+
+    def _set_state(self, state: SessionState, message: str) -> None:
+        self.state = state
+        self.status_message = message
+        if state == SessionState.ERROR:
+            LOG.error("live session: %s", message)
+        else:
+            LOG.info("live session: %s", message)
+        if self.status_callback is not None:
+            try:
+                self.status_callback(message)
+            except Exception:  # noqa: BLE001 - a display callback must not break the session
+                LOG.exception("status callback failed")
+
+    # -- events ---------------------------------------------------------------------------------------
+    def _on_frame_arrived(self) -> None:
+        if self.state != SessionState.RUNNING:
+            return
+        index = self.frames_received
+        self.frames_received += 1
+        arrival = mrml.now()
+        if self.drop_policy == DropPolicy.EVERY_NTH and index % self.every_nth != 0:
+            self.frames_dropped += 1
+            self.frames_skipped += 1
+            return
+        if self._pending is not None:
+            self.frames_dropped += 1
+        snapshot = None
+        if self.drop_policy == DropPolicy.EVERY_NTH and self.every_nth > 1:
+            try:
+                frame = mrml.frame_from_volume(self.input_volume_node)
+            except Exception as exc:  # noqa: BLE001 - reported when the frame is processed
+                LOG.debug("frame %d not readable at arrival: %s", index, exc)
+            else:
+                if (
+                    self._buffer is None
+                    or self._buffer.shape != frame.shape
+                    or self._buffer.dtype != frame.dtype
+                ):
+                    self._buffer = np.empty(frame.shape, frame.dtype)
+                np.copyto(self._buffer, frame)
+                snapshot = self._buffer
+        self._pending = _Pending(index, arrival, mrml.acquisition_timestamp(self.input_volume_node), snapshot)
+
+    def _on_node_removed(self, node: Any) -> None:
+        if self.state != SessionState.RUNNING or node is None:
+            return
+        if node is self.input_volume_node or node.GetID() == self.input_volume_node.GetID():
+            self._finish(SessionState.STOPPED, "stopped: the input volume was removed from the scene")
+        elif node is self.output_segmentation_node or node.GetID() == self.output_segmentation_node.GetID():
+            self._finish(SessionState.STOPPED, "stopped: the output segmentation was removed from the scene")
+        elif self.markups_node is not None and node.GetID() == self.markups_node.GetID():
+            self.markups_node = None
+            self.points_writer = None
+            LOG.info("live session: the target points node was removed; continuing without it")
+
+    def _on_scene_closing(self) -> None:
+        self._finish(SessionState.STOPPED, "stopped: the scene is being closed")
+
+    # -- per frame ------------------------------------------------------------------------------------
+    def process_pending(self) -> bool:
+        """Process the newest pending frame, if any. Returns True when a frame was processed.
+
+        Never raises: a failure stops the session with a status message (``state`` becomes
+        ``"error"``) and returns False.
+        """
+        if self.state != SessionState.RUNNING or self._pending is None:
+            return False
+        pending, self._pending = self._pending, None
+        try:
+            return self._process(pending)
+        except Exception as exc:  # noqa: BLE001 - by contract: report, stop, never raise to the timer
+            LOG.exception("live session: frame %d failed", pending.index)
+            self.frames_dropped += 1
+            self._finish(
+                SessionState.ERROR,
+                f"stopped: processing frame {pending.index} failed: {type(exc).__name__}: {exc}",
+            )
+            return False
+
+    def _process(self, pending: _Pending) -> bool:
+        node = self.input_volume_node
+        if node.GetScene() is None:
+            self.frames_dropped += 1
+            self._finish(SessionState.STOPPED, "stopped: the input volume was removed from the scene")
+            return False
+        if self.output_segmentation_node.GetScene() is None:
+            self.frames_dropped += 1
+            self._finish(SessionState.STOPPED, "stopped: the output segmentation was removed from the scene")
+            return False
+        geometry = mrml.geometry_from_volume(node)
+        if self.geometry is None:
+            self.geometry = geometry
+            self.writer = mrml.SegmentationWriter(self.output_segmentation_node, geometry)
+            if self.markups_node is not None:
+                self.points_writer = mrml.TargetPointsWriter(self.markups_node, geometry)
+        elif not geometry.same_grid(self.geometry):
+            self.frames_dropped += 1
+            self._finish(
+                SessionState.STOPPED,
+                "stopped: the input frame geometry changed ("
+                f"{geometry.describe_difference(self.geometry)}); start again to continue",
+            )
+            return False
+        elif not np.allclose(geometry.origin, self.geometry.origin, atol=1e-6):
+            self.geometry = geometry  # a moved origin is followed, not an error
+            self.writer.set_geometry(geometry)
+            if self.points_writer is not None:
+                self.points_writer.geometry = geometry
+
+        frame = pending.snapshot if pending.snapshot is not None else mrml.frame_from_volume(node)
+        timestamp = pending.acquisition if pending.acquisition is not None else pending.arrival
+        t_start = mrml.now()
+        result = self.process_frame(frame, pending.index, timestamp)
+        t_processed = mrml.now()
+        self.writer.write(result)
+        if self.points_writer is not None:
+            self.points_writer.write(result)
+        t_done = mrml.now()
+
+        self.frames_processed += 1
+        self.last_result = result
+        self.last_frame_index = pending.index
+        self.last_update_time = t_done
+        self._targets = len(result)
+        self._done_at.append(t_done)
+        reference_time, self.latency_reference = self._latency_reference(pending)
+        stage_ms = {str(k): float(v) for k, v in (result.stage_ms or {}).items()}
+        stage_ms["mrml"] = (t_done - t_processed) * 1000.0
+        latency_ms = (t_done - reference_time) * 1000.0
+        self.latency.add(
+            {
+                **stage_ms,
+                "process": (t_processed - t_start) * 1000.0,
+                "queue": (t_start - pending.arrival) * 1000.0,
+                "end_to_end": latency_ms,
+            }
+        )
+        if self.kpi_sink is not None:
+            safe_log_kpi(
+                format_kpi(
+                    {
+                        "event": "frame",
+                        "frame": pending.index,
+                        "targets": len(result),
+                        "stage_ms": stage_ms,
+                        "latency_ms": latency_ms,
+                        "latency_reference": self.latency_reference,
+                        "wall_ms": (t_done - t_start) * 1000.0,
+                        "queue_ms": (t_start - pending.arrival) * 1000.0,
+                        **self.counters(),
+                    }
+                ),
+                self.kpi_sink,
+            )
+        return True
+
+    def _latency_reference(self, pending: _Pending) -> tuple[float, str]:
+        """Start of the latency interval (Unix seconds) and its name."""
+        if pending.acquisition is None:
+            return pending.arrival, "arrival"
+        offset = pending.arrival - pending.acquisition
+        if abs(offset) <= SAME_CLOCK_TOLERANCE_S:
+            return pending.acquisition, "acquisition"
+        self._clock_offset = offset if self._clock_offset is None else min(self._clock_offset, offset)
+        return pending.acquisition + self._clock_offset, "acquisition (sender clock, aligned)"
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {
+            "received": self.frames_received,
+            "processed": self.frames_processed,
+            "dropped": self.frames_dropped,
+            "skipped": self.frames_skipped,
+        }
+
+    def fps(self) -> float | None:
+        """Processed frames per second over the last (up to) 60 frames."""
+        if len(self._done_at) < 2:
+            return None
+        span = self._done_at[-1] - self._done_at[0]
+        return (len(self._done_at) - 1) / span if span > 0 else None
+
+    def kpi_snapshot(self) -> dict[str, Any]:
+        """Plain values for the indicators (keys of `UltramotionIGTLib.slicer.indicators.KpiSnapshot`)."""
+        summary = self.latency.summary()
+        end_to_end = summary.pop("end_to_end", {})
+        for name in ("process", "queue"):
+            summary.pop(name, None)
+        age = None if self.last_update_time is None else (mrml.now() - self.last_update_time) * 1000.0
+        return {
+            "running": self.running,
+            "error": self.status_message if self.state == SessionState.ERROR else None,
+            "fps": self.fps(),
+            "stage_latency_ms": summary,
+            "end_to_end_ms": end_to_end,
+            "latency_reference": self.latency_reference,
+            "frames_received": self.frames_received,
+            "frames_processed": self.frames_processed,
+            "frames_dropped": self.frames_dropped,
+            "mask_frame_index": self.last_frame_index,
+            "mask_age_ms": age,
+            "latest_frame_index": self.frames_received - 1 if self.frames_received else None,
+            "targets": self._targets,
+            "status_message": self.status_message,
+        }
+
+
+# -- replay -------------------------------------------------------------------------------------------
+
+#: Node reference role from a working segmentation node to the sequence a replay fills.
+REPLAY_SEQUENCE_REFERENCE_ROLE = "UltramotionIGT.replaySequence"
+
+
+def _index_timestamp(value: str) -> float | None:
+    try:
+        stamp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return stamp if math.isfinite(stamp) else None
+
+
+class ReplaySession:
+    """Segment every frame of a volume sequence into a segmentation sequence; nothing is dropped.
+
+    Args:
+        sequence_node: vtkMRMLSequenceNode whose data nodes are one-slice volume nodes (a PLUS
+            recording or any Sequences recording), or a vtkMRMLSequenceBrowserNode (its master
+            sequence is used).
+        output: vtkMRMLSegmentationNode (the working node, written frame by frame; the result
+            sequence is created beside it, or reused when an earlier replay made it, and after the
+            run the node becomes that sequence's proxy in the input's browser, if there is one), or
+            a vtkMRMLSequenceNode to fill (a working segmentation node outside the scene is used).
+        process_frame: as for `LiveSession` (frame index = item number, timestamp = the item's
+            index value when numeric).
+        progress_callback: ``(frames_done, frames_total)`` after each frame.
+        kpi_sink: receives one ``"frame"`` record per frame and a ``"replay_done"`` summary.
+        status_callback: called with the status message when the session finishes or stops.
+
+    The output sequence has one segmentation per input item, at the same index value, with the
+    input's index name, unit and type. Drive it with ``run()`` (all frames) or ``step()`` (one frame,
+    e.g. from a QTimer so the GUI stays responsive).
+    """
+
+    def __init__(
+        self,
+        sequence_node: Any,
+        output: Any,
+        process_frame: ProcessFrame,
+        progress_callback: Callable[[int, int], None] | None = None,
+        kpi_sink: KpiSink | None = None,
+        status_callback: Callable[[str], None] | None = None,
+    ) -> None:
+        if sequence_node is not None and sequence_node.IsA("vtkMRMLSequenceBrowserNode"):
+            sequence_node = sequence_node.GetMasterSequenceNode()
+        if sequence_node is None or not sequence_node.IsA("vtkMRMLSequenceNode"):
+            raise ValueError("sequence_node must be a vtkMRMLSequenceNode (or a browser node playing one)")
+        count = sequence_node.GetNumberOfDataNodes()
+        if count == 0:
+            raise ValueError(f"sequence {mrml._node_label(sequence_node)} is empty")
+        first = sequence_node.GetNthDataNode(0)
+        if first is None or not first.IsA("vtkMRMLVolumeNode"):
+            kind = first.GetClassName() if first is not None else "nothing"
+            raise ValueError(f"sequence {mrml._node_label(sequence_node)} holds {kind}, not volume frames")
+        self.sequence_node = sequence_node
+        self.scene = sequence_node.GetScene()
+        self.process_frame = process_frame
+        self.progress_callback = progress_callback
+        self.kpi_sink = kpi_sink
+        self.status_callback = status_callback
+        self.frames_total = count
+        self.frames_processed = 0
+        self.latency = LatencyStats()
+        self.state = SessionState.IDLE
+        self.status_message = "idle"
+
+        import slicer
+
+        if output is not None and output.IsA("vtkMRMLSequenceNode"):
+            self.output_sequence = output
+            self.output_segmentation_node = slicer.vtkMRMLSegmentationNode()
+            self._proxy_in_scene = False
+        elif output is not None and output.IsA("vtkMRMLSegmentationNode"):
+            self.output_segmentation_node = output
+            self._proxy_in_scene = output.GetScene() is not None
+            self.output_sequence = output.GetNodeReference(REPLAY_SEQUENCE_REFERENCE_ROLE)
+            if self.output_sequence is None:
+                if self.scene is None:
+                    raise ValueError("the input sequence is not in a scene: pass an output sequence node")
+                self.output_sequence = self.scene.AddNewNodeByClass(
+                    "vtkMRMLSequenceNode", f"{output.GetName() or 'Segmentation'} sequence"
+                )
+                output.SetNodeReferenceID(REPLAY_SEQUENCE_REFERENCE_ROLE, self.output_sequence.GetID())
+        else:
+            raise ValueError("output must be a vtkMRMLSegmentationNode or a vtkMRMLSequenceNode")
+        self.output_sequence.RemoveAllDataNodes()
+        self.output_sequence.SetIndexName(sequence_node.GetIndexName())
+        self.output_sequence.SetIndexUnit(sequence_node.GetIndexUnit())
+        self.output_sequence.SetIndexType(sequence_node.GetIndexType())
+        self.writer: mrml.SegmentationWriter | None = None
+
+    @property
+    def progress(self) -> float:
+        return self.frames_processed / self.frames_total
+
+    @property
+    def done(self) -> bool:
+        return self.state in (SessionState.FINISHED, SessionState.STOPPED, SessionState.ERROR)
+
+    def step(self) -> bool:
+        """Process the next frame. Returns True when a frame was processed; False when finished,
+        stopped or failed (never raises; see ``state`` and ``status_message``)."""
+        if self.done:
+            return False
+        if self.state == SessionState.IDLE:
+            self.state = SessionState.RUNNING
+            self.status_message = f"replaying {self.frames_total} frames"
+        index = self.frames_processed
+        try:
+            if self.sequence_node.GetScene() is None and self.scene is not None:
+                self._finish(SessionState.STOPPED, "stopped: the input sequence was removed from the scene")
+                return False
+            if self._proxy_in_scene and self.output_segmentation_node.GetScene() is None:
+                self._finish(
+                    SessionState.STOPPED, "stopped: the output segmentation was removed from the scene"
+                )
+                return False
+            volume = self.sequence_node.GetNthDataNode(index)
+            value = self.sequence_node.GetNthIndexValue(index)
+            geometry = mrml.geometry_from_volume(volume)
+            if self.writer is None:
+                self.writer = mrml.SegmentationWriter(
+                    self.output_segmentation_node, geometry, create_display_node=self._proxy_in_scene
+                )
+            elif not geometry.is_same(self.writer.geometry):
+                self.writer.set_geometry(geometry)
+            t0 = time.perf_counter()
+            result = self.process_frame(mrml.frame_from_volume(volume), index, _index_timestamp(value))
+            t1 = time.perf_counter()
+            self.writer.write(result)
+            self.output_sequence.SetDataNodeAtValue(self.output_segmentation_node, value)
+            t2 = time.perf_counter()
+        except Exception as exc:  # noqa: BLE001 - by contract: report and stop, never raise to the timer
+            LOG.exception("replay: frame %d failed", index)
+            self._finish(SessionState.ERROR, f"stopped: frame {index} failed: {type(exc).__name__}: {exc}")
+            return False
+        self.frames_processed += 1
+        stage_ms = {str(k): float(v) for k, v in (result.stage_ms or {}).items()}
+        stage_ms["mrml"] = (t2 - t1) * 1000.0
+        self.latency.add({**stage_ms, "end_to_end": (t2 - t0) * 1000.0})
+        if self.kpi_sink is not None:
+            safe_log_kpi(
+                format_kpi(
+                    {
+                        "event": "frame",
+                        "frame": index,
+                        "index_value": value,
+                        "targets": len(result),
+                        "stage_ms": stage_ms,
+                        "wall_ms": (t2 - t0) * 1000.0,
+                    }
+                ),
+                self.kpi_sink,
+            )
+        if self.progress_callback is not None:
+            try:
+                self.progress_callback(self.frames_processed, self.frames_total)
+            except Exception:  # noqa: BLE001 - a display callback must not break the replay
+                LOG.exception("progress callback failed")
+        if self.frames_processed == self.frames_total:
+            self._attach_to_browser()
+            self._finish(
+                SessionState.FINISHED,
+                f"done: {self.frames_total} frames segmented into {mrml._node_label(self.output_sequence)}",
+            )
+        return True
+
+    def run(self) -> Any:
+        """Process all remaining frames; returns the output vtkMRMLSequenceNode."""
+        while self.step():
+            pass
+        return self.output_sequence
+
+    def stop(self, reason: str = "stopped by user") -> None:
+        if not self.done:
+            self._finish(SessionState.STOPPED, reason)
+
+    def _finish(self, state: SessionState, message: str) -> None:
+        self.state = state
+        self.status_message = message
+        (LOG.error if state == SessionState.ERROR else LOG.info)("replay: %s", message)
+        if self.kpi_sink is not None:
+            safe_log_kpi(
+                format_kpi(
+                    {
+                        "event": "replay_done",
+                        "state": state.value,
+                        "message": message,
+                        "frames": self.frames_processed,
+                        "total": self.frames_total,
+                        "latency_ms": self.latency.summary(),
+                    }
+                ),
+                self.kpi_sink,
+            )
+        if self.status_callback is not None:
+            try:
+                self.status_callback(message)
+            except Exception:  # noqa: BLE001
+                LOG.exception("status callback failed")
+
+    def _attach_to_browser(self) -> None:
+        """Let the input's sequence browser play the result with the working node as its proxy."""
+        if self.scene is None or not self._proxy_in_scene:
+            return
+        for browser in mrml.browser_nodes_for_sequence(self.scene, self.sequence_node):
+            if not browser.IsSynchronizedSequenceNode(self.output_sequence, True):
+                browser.AddSynchronizedSequenceNodeID(self.output_sequence.GetID())
+            if browser.GetProxyNode(self.output_sequence) is not self.output_segmentation_node:
+                browser.AddProxyNode(self.output_segmentation_node, self.output_sequence, False)
+            # the transform of the proxy volume (e.g. ImageToReference from PLUS) applies to the masks
+            proxy_volume = browser.GetProxyNode(self.sequence_node)
+            if proxy_volume is not None:
+                self.output_segmentation_node.SetAndObserveTransformNodeID(proxy_volume.GetTransformNodeID())
+
+
+def replay_sequence(
+    sequence_node: Any,
+    output: Any,
+    process_frame: ProcessFrame,
+    progress_callback: Callable[[int, int], None] | None = None,
+    kpi_sink: KpiSink | None = None,
+) -> Any:
+    """Run a `ReplaySession` to the end and return the output vtkMRMLSequenceNode.
+
+    Raises `RuntimeError` with the session's status message when it did not finish.
+    """
+    session = ReplaySession(sequence_node, output, process_frame, progress_callback, kpi_sink)
+    out = session.run()
+    if session.state != SessionState.FINISHED:
+        raise RuntimeError(f"replay did not finish: {session.status_message}")
+    return out

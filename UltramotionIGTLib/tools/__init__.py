@@ -1,0 +1,3 @@
+"""Everything around the per-frame core: the command line (`cli`) and its commands (`run`, `demo`,
+`evaluate`, `doctor`), the synthetic phantom (`phantom`), metrics and overlays, the transfer audit
+(`audit`), benchmarks (`benchmarks`) and training of the demo models (`training`)."""

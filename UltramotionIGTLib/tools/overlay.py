@@ -1,0 +1,75 @@
+"""Overlays: frames with boxes, masks and target names drawn, as PNG grids and animated GIFs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from UltramotionIGTLib.core.packet import HostResult
+
+
+def draw_overlay(frame: np.ndarray, result: HostResult, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 HxWx3 image: ``frame`` (HxW uint8) with masks blended and boxes and names drawn."""
+    rgb = np.repeat(np.asarray(frame, dtype=np.uint8)[..., None], 3, axis=2).astype(np.float32)
+    colors = [np.array(c, np.float32) * 255.0 for c in result.segment_colors()]
+    for i in np.argsort(result.scores, kind="stable"):
+        m = result.masks[i]
+        rgb[m] = (1.0 - alpha) * rgb[m] + alpha * colors[i]
+    image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(result.segment_names()):
+        color = tuple(int(v) for v in colors[i])
+        x1, y1, x2, y2 = (float(v) for v in result.boxes[i])
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
+        draw.text((x1 + 2, max(0.0, y1 - 11)), f"{name} {result.scores[i]:.2f}", fill=color)
+    return np.asarray(image)
+
+
+def _pick(n: int, count: int) -> list[int]:
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, num=min(count, n))}) if n else []
+
+
+def save_overlay_grid(
+    path: str | Path,
+    frames: Sequence[np.ndarray],
+    results: Sequence[HostResult],
+    max_tiles: int = 6,
+    columns: int = 3,
+) -> Path:
+    """Save up to ``max_tiles`` evenly spaced frames with overlays as one PNG grid."""
+    picks = _pick(len(results), max_tiles)
+    tiles = [Image.fromarray(draw_overlay(frames[i], results[i])) for i in picks]
+    if not tiles:
+        raise ValueError("no frames to draw")
+    w, h = tiles[0].size
+    cols = min(columns, len(tiles))
+    rows = (len(tiles) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for n, tile in enumerate(tiles):
+        draw = ImageDraw.Draw(tile)
+        draw.text((4, 4), f"frame {results[picks[n]].frame_index}", fill=(255, 255, 255))
+        grid.paste(tile, ((n % cols) * w, (n // cols) * h))
+    path = Path(path)
+    grid.save(path)
+    return path
+
+
+def save_overlay_gif(
+    path: str | Path,
+    frames: Sequence[np.ndarray],
+    results: Sequence[HostResult],
+    max_frames: int = 40,
+    fps: float = 10.0,
+) -> Path:
+    """Save the first ``max_frames`` frames with overlays as an animated GIF."""
+    images = [
+        Image.fromarray(draw_overlay(frames[i], results[i])) for i in range(min(max_frames, len(results)))
+    ]
+    if not images:
+        raise ValueError("no frames to draw")
+    path = Path(path)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path

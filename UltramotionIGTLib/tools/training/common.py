@@ -1,0 +1,210 @@
+"""What detector and SAM training share: the phantom data split, batch sampling, checkpoints, progress.
+
+Data split: training frames come from phantom sequences derived from ``TRAIN_DATASET_SEED``,
+held-out evaluation frames from ``HELDOUT_DATASET_SEED``; `synthetic.sequence_seeds` makes the two
+sets of sequence seeds disjoint (a test checks it). Batches are a pure function of (seed, step), so
+a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from UltramotionIGTLib.errors import CheckpointError
+from UltramotionIGTLib.tools.phantom import (
+    PhantomConfig,
+    PhantomFrame,
+    PhantomStream,
+    render_dataset,
+    sequence_seeds,
+)
+
+DEMO_IMAGE_SIZE = 256
+TRAIN_DATASET_SEED = 0
+HELDOUT_DATASET_SEED = 1
+#: phantom sequences in the training pool, and frames drawn per sequence (two needle episodes at 20 Hz)
+TRAIN_SEQUENCES = 240
+SEQUENCE_FRAMES = 320
+CHECKPOINT_NAME = "training-state.pt"
+
+
+def demo_phantom_config() -> PhantomConfig:
+    """The phantom family the demo models are trained and evaluated on (256x256, 0.2 mm pixels)."""
+    return PhantomConfig(height=DEMO_IMAGE_SIZE, width=DEMO_IMAGE_SIZE)
+
+
+class PhantomFramePool:
+    """Random training frames from ``n_sequences`` phantom sequences, created lazily and kept.
+
+    ``batch(step, batch_size)`` is deterministic in (dataset seed, step).
+    """
+
+    def __init__(
+        self,
+        config: PhantomConfig | None = None,
+        dataset_seed: int = TRAIN_DATASET_SEED,
+        n_sequences: int = TRAIN_SEQUENCES,
+        sequence_frames: int = SEQUENCE_FRAMES,
+    ) -> None:
+        self.config = config or demo_phantom_config()
+        self.dataset_seed = dataset_seed
+        self.seeds = sequence_seeds(dataset_seed, n_sequences)
+        self.sequence_frames = sequence_frames
+        self._streams: dict[int, PhantomStream] = {}
+
+    def stream(self, i: int) -> PhantomStream:
+        if i not in self._streams:
+            self._streams[i] = PhantomStream(
+                self.config, seed=int(self.seeds[i]), n_frames=self.sequence_frames
+            )
+        return self._streams[i]
+
+    def batch(self, step: int, batch_size: int) -> list[PhantomFrame]:
+        rng = np.random.default_rng([self.dataset_seed, 0x7EA1, int(step)])
+        seq = rng.integers(0, len(self.seeds), size=batch_size)
+        idx = rng.integers(0, self.sequence_frames, size=batch_size)
+        return [self.stream(int(s)).frame(int(i)) for s, i in zip(seq, idx, strict=True)]
+
+
+def heldout_set(n_frames: int = 200, frames_per_sequence: int = 8):
+    """The fixed held-out evaluation frames (`synthetic.PhantomDataset`), disjoint from training."""
+    return render_dataset(
+        n_frames,
+        seed=HELDOUT_DATASET_SEED,
+        config=demo_phantom_config(),
+        frames_per_sequence=frames_per_sequence,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy; deterministic algorithms where torch has them."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class TrainingState:
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    history: list[dict[str, float]]
+    args: dict[str, Any]
+
+
+def save_training_state(out_dir: Path, state: TrainingState) -> Path:
+    """Write the resumable training state atomically (tensors and plain data only)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CHECKPOINT_NAME
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "step": state.step,
+            "model": state.model,
+            "optimizer": state.optimizer,
+            "scheduler": state.scheduler,
+            "history": state.history,
+            "args": state.args,
+            "rng_torch": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_training_state(out_dir: Path) -> TrainingState | None:
+    """The last saved state in ``out_dir`` (None if there is none); loaded with weights_only=True."""
+    path = out_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means a corrupt checkpoint
+        raise CheckpointError(f"cannot resume from {path}: {exc} (delete it to start over)") from exc
+    torch.set_rng_state(data["rng_torch"])
+    return TrainingState(
+        step=int(data["step"]),
+        model=data["model"],
+        optimizer=data["optimizer"],
+        scheduler=data.get("scheduler"),
+        history=list(data["history"]),
+        args=dict(data["args"]),
+    )
+
+
+def environment_record(device: torch.device, wall_s: float) -> dict[str, Any]:
+    """Where and how long a training ran, for the model card."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "wall_s": round(wall_s, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def cosine_lr(base_lr: float, steps: int, warmup: int = 100) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up then cosine decay to 5 % of ``base_lr``."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+def add_training_arguments(
+    parser: Any, *, steps: int, batch_size: int, lr: float, checkpoint_every: int, heldout_frames: int = 200
+) -> None:
+    """The options every ``ultramotion-igt train ...`` command takes (defaults differ per model)."""
+    parser.add_argument("--out", required=True, help="output folder (resumed if it holds training-state.pt)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--heldout-frames", type=int, default=heldout_frames, help="0 skips the held-out metrics"
+    )
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def training_kwargs(ns: Any) -> dict[str, Any]:
+    """Keyword arguments for ``train_detector`` / ``train_sam`` from `add_training_arguments` options."""
+    return {
+        "steps": ns.steps,
+        "batch_size": ns.batch_size,
+        "lr": ns.lr,
+        "device": ns.device,
+        "seed": ns.seed,
+        "checkpoint_every": ns.checkpoint_every,
+        "resume": not ns.no_resume,
+        "progress": not ns.no_progress,
+        "threads": ns.threads,
+        "heldout_frames": ns.heldout_frames,
+    }
