@@ -22,6 +22,7 @@ from UltramotionIGTLib.core.detector import (
     write_random_detector,
 )
 from UltramotionIGTLib.errors import CheckpointError, UnsupportedImageTypeError
+from UltramotionIGTLib.tools.benchmarks.legacy import run_inference_legacy
 
 NON_SQUARE = (616, 820)  # H, W of the PLUS SpinePhantom frames
 
@@ -191,9 +192,7 @@ def test_normalising_processor_config_is_mirrored(detector_dir, tmp_path):
         "pixel_values"
     ]
     torch.testing.assert_close(detector.preprocess_torch(colour[None]), theirs, rtol=1e-6, atol=1e-6)
-    _assert_same(
-        detector.run_inference_torch(colour), detector.run_inference_torch(colour, gpu_resident=False)
-    )
+    _assert_same(detector.run_inference_torch(colour), run_inference_legacy(detector, colour))
 
 
 def test_without_processor_config_the_config_size_is_used(detector_dir, tmp_path):
@@ -277,8 +276,8 @@ def test_legacy_path_equals_resident_path(detector, layout):
         "1hw_uint8": gray[None],
         "numpy_hw": gray.numpy(),
     }[layout]
-    resident = detector.run_inference_torch(frame, gpu_resident=True)
-    legacy = detector.run_inference_torch(frame, gpu_resident=False)
+    resident = detector.run_inference_torch(frame)
+    legacy = run_inference_legacy(detector, frame)
     assert legacy.device == resident.device == detector.device
     _assert_same(resident, legacy)
     # every layout of the same grey image gives the same detections
@@ -290,14 +289,14 @@ def test_colour_frames_and_batches(detector):
     colour = torch.randint(0, 256, (320, 480, 3), dtype=torch.uint8, generator=g)
     single = detector.run_inference_torch(colour)
     _assert_same(single, detector.run_inference_torch(colour.permute(2, 0, 1)))
-    _assert_same(single, detector.run_inference_torch(colour, gpu_resident=False))
+    _assert_same(single, run_inference_legacy(detector, colour))
     frames = torch.stack([_frame((320, 480), seed=8), _frame((320, 480), seed=9)])
     batch = detector.run_inference_batch(frames)
     assert batch.boxes.shape == (2, detector.num_queries, 4)
     for i in range(2):
         one = detector.run_inference_torch(frames[i])
         _assert_same(Detections(batch.boxes[i], batch.scores[i], batch.labels[i]), one)
-    _assert_same(batch, detector.run_inference_batch(frames, gpu_resident=False))
+    _assert_same(batch, run_inference_legacy(detector, frames, batched=True))
 
 
 def test_bad_frames_and_num_top(detector):
@@ -362,7 +361,7 @@ def test_resident_path_makes_no_host_hops(detector, host_hop_counter):
     assert not seen & syncing, f"host-reading ops in the resident path: {seen & syncing}"
     assert detections.scores.shape == (detector.num_queries,)
     # the counters do see the legacy path's hops
-    detector.run_inference_torch(frame, gpu_resident=False)
+    run_inference_legacy(detector, frame)
     assert host_hop_counter["cpu"] >= 2 and host_hop_counter["numpy"] >= 1
 
 
@@ -488,7 +487,7 @@ def test_half_precision_checkpoint_runs(detector_dir, tmp_path):
         detections.scores, reference.run_inference_torch(_frame()).scores, rtol=0, atol=0.02
     )
     # bf16 logits tie exactly; topk and the legacy argsort may order ties differently: compare as sets
-    legacy = loaded.run_inference_torch(_frame(), gpu_resident=False)
+    legacy = run_inference_legacy(loaded, _frame())
     np.testing.assert_allclose(_rows(detections), _rows(legacy), rtol=1e-5, atol=1e-3)
 
 
@@ -512,5 +511,5 @@ def test_cuda_resident_path_has_no_syncs_and_matches_cpu(detector_dir):
     reference = cpu.run_inference_torch(frame)
     torch.testing.assert_close(detections.scores.cpu(), reference.scores, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(detections.boxes.cpu(), reference.boxes, rtol=1e-3, atol=0.5)
-    legacy = gpu.run_inference_torch(on_gpu, gpu_resident=False)
+    legacy = run_inference_legacy(gpu, on_gpu)
     torch.testing.assert_close(legacy.scores, detections.scores, rtol=1e-5, atol=1e-6)

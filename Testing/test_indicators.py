@@ -1,4 +1,5 @@
-"""The on-screen indicator text (KPI panel, status light, corner annotation) and `KpiTracker`."""
+"""The on-screen indicator text (KPI panel, status light, corner annotation), `KpiAggregator` and
+`build_snapshot`."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from UltramotionIGTLib.core.kpi import LatencyStats, format_kpi
+from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, format_kpi
 from UltramotionIGTLib.slicer.indicators import (
     MISSING,
     PATH_COLORS,
     KpiSnapshot,
-    KpiTracker,
     PathState,
+    build_snapshot,
     classify_path,
     format_corner_annotation,
     format_kpi_panel,
@@ -41,7 +42,7 @@ def _panel_dict(text: str) -> dict[str, str]:
 
 
 class FakeClock:
-    """A settable monotonic clock (time is an input of KpiTracker, not a thing being mocked)."""
+    """A settable monotonic clock (time is an input of KpiAggregator, not a thing being mocked)."""
 
     def __init__(self) -> None:
         self.t = 100.0
@@ -102,15 +103,15 @@ def test_format_ms_precision():
 
 
 def test_panel_shows_every_kpi():
-    stats = LatencyStats()
+    stats = KpiAggregator(window=None)
     rng = np.random.default_rng(0)
     det = rng.uniform(5, 9, size=50)
     dec = rng.uniform(1, 2, size=50)
-    for a, b in zip(det, dec, strict=True):
-        stats.add({"sam_decoder": b, "detector": a, "my_custom_stage": 0.5})
+    for i, (a, b) in enumerate(zip(det, dec, strict=True)):
+        stats.add(FrameRecord(frame=i, stage_ms={"sam_decoder": b, "detector": a, "my_custom_stage": 0.5}))
     snap = _running(
         fps=31.25,
-        stage_latency_ms=stats.summary(),
+        stage_latency_ms=stats.stage_ms(),
         end_to_end_ms={"p50": 24.0, "p95": 31.5},
         latency_reference="acquisition",
         frames_received=200,
@@ -197,32 +198,30 @@ def test_snapshot_dict_round_trip_ignores_unknown_keys():
     assert KpiSnapshot(mask_frame_index=5, latest_frame_index=3).frames_behind == 0
 
 
-def test_tracker_from_pipeline_records():
-    """KpiTracker reads the pipeline's JSON-lines records (made with the real `format_kpi`)."""
+def test_aggregator_and_snapshot_from_frame_records():
+    """KpiAggregator reads frame records (objects, or JSON lines made with the real `format_kpi`)."""
     clock = FakeClock()
-    tracker = KpiTracker(window=10, clock=clock)
+    kpi = KpiAggregator(window=10, clock=clock)
     period = 0.04
     walls = []
     for i in range(15):
         clock.t += period
         wall = 20.0 + i
         walls.append(wall)
-        record = {
-            "event": "frame",
-            "frame": i,
-            "device": "cpu",
-            "path": "gpu_resident",
-            "targets": i % 3,
-            "stage_ms": {"detector": 10.0 + i, "sam_decoder": 2.0},
-            "total_ms": 12.0 + i,
-            "wall_ms": wall,
-        }
-        tracker.write(format_kpi(record))
-    tracker.write(format_kpi({"event": "summary", "frame": 999}))  # ignored
+        record = FrameRecord(
+            frame=i,
+            device="cpu",
+            path="gpu_resident",
+            targets=i % 3,
+            stage_ms={"sam_decoder": 2.0, "detector": 10.0 + i},
+            wall_ms=wall,
+        )
+        kpi.write(format_kpi(record) if i % 2 else record)
+    kpi.write(format_kpi({"event": "summary", "frame": 999}))  # other events are ignored
     clock.t += 0.010
-    snap = tracker.snapshot(frames_received=20, frames_dropped=5, latest_frame_index=16)
-    assert snap.frames_processed == 15
-    assert snap.frames_received == 20 and snap.frames_dropped == 5
+    snap = build_snapshot(kpi, running=True, frames_received=17, frames_dropped=2)
+    assert snap.frames_processed == 15 == kpi.frames
+    assert snap.frames_received == 17 and snap.frames_dropped == 2
     assert snap.fps == pytest.approx(1.0 / period)
     assert snap.mask_frame_index == 14
     assert snap.frames_behind == 2
@@ -231,27 +230,46 @@ def test_tracker_from_pipeline_records():
     last10 = np.array(walls[-10:])
     assert snap.end_to_end_ms["p50"] == pytest.approx(np.percentile(last10, 50))
     assert snap.end_to_end_ms["p95"] == pytest.approx(np.percentile(last10, 95))
+    assert snap.end_to_end_ms["p99"] == pytest.approx(np.percentile(last10, 99))
     det = np.array([10.0 + i for i in range(5, 15)])
     assert snap.stage_latency_ms["detector"]["p95"] == pytest.approx(np.percentile(det, 95))
+    assert list(snap.stage_latency_ms) == ["detector", "sam_decoder"]  # the order the stages run in
     assert snap.host_syncs_per_frame is None
     assert classify_path(snap) is PathState.CPU
     assert format_corner_annotation(snap).startswith("CPU | 25.0 fps")
 
 
-def test_tracker_prefers_acquisition_latency_and_reads_syncs():
-    tracker = KpiTracker(window=4, clock=FakeClock())
-    tracker.write(
+def test_aggregator_prefers_acquisition_latency_and_reads_syncs():
+    kpi = KpiAggregator(window=4, clock=FakeClock())
+    kpi.write(
         {"frame": 0, "latency_ms": 50.0, "wall_ms": 20.0, "host_syncs": 1, "latency_reference": "acquisition"}
     )
-    tracker.write({"frame": 1, "latency_ms": 70.0, "wall_ms": 20.0, "host_syncs": 3})
-    snap = tracker.snapshot()
+    kpi.write({"frame": 1, "latency_ms": 70.0, "wall_ms": 20.0, "host_syncs": 3})
+    snap = build_snapshot(kpi, running=True)
     assert snap.end_to_end_ms["p50"] == pytest.approx(60.0)
     assert snap.host_syncs_per_frame == pytest.approx(2.0)
-    assert snap.latency_reference == "acquisition"
+    assert snap.latency_reference is None  # the last record did not say
     assert snap.fps is None  # the clock did not move: no rate can be measured
     assert snap.frames_received == 2
     with pytest.raises(ValueError):
-        KpiTracker(window=1)
+        KpiAggregator(window=1)
+
+
+def test_unbounded_aggregator_keeps_every_frame():
+    kpi = KpiAggregator(window=None)
+    for i in range(1000):
+        kpi.add(FrameRecord(frame=i, stage_ms={"detector": float(i)}))
+    assert kpi.frames == 1000
+    assert kpi.stage_ms()["detector"]["p50"] == pytest.approx(np.percentile(np.arange(1000.0), 50))
+    assert kpi.summary()["stage_ms"]["detector"]["p99"] == pytest.approx(np.percentile(np.arange(1000.0), 99))
+
+
+def test_frame_record_json_round_trip():
+    record = FrameRecord(frame=3, stage_ms={"track": 1.0, "detector": 2.0}, targets=2, extra={"note": "x"})
+    line = format_kpi(record)
+    assert line.startswith('{"event":"frame","frame":3,"stage_ms":{"detector":2.0,"track":1.0}')
+    back = FrameRecord.from_dict(__import__("json").loads(line))
+    assert back == record
 
 
 def test_gpu_memory_off_cuda_is_not_measured():

@@ -338,13 +338,16 @@ def test_latency_from_acquisition_time_when_the_sender_provides_one(stream):
     mrml.write_frame_to_volume(volume, stream_frame(3))
     assert session.process_pending()
     assert sink.records[-1]["latency_reference"] == "arrival"
-    snapshot = session.kpi_snapshot()
-    assert snapshot["frames_processed"] == 3 and snapshot["mask_frame_index"] == 2
-    assert snapshot["end_to_end_ms"]["p50"] is not None and "mrml" in snapshot["stage_latency_ms"]
     from UltramotionIGTLib.slicer import indicators
 
-    panel = indicators.format_kpi_panel(indicators.KpiSnapshot.from_dict(snapshot))
-    assert isinstance(panel, str) and panel
+    snapshot = indicators.build_snapshot(
+        session.kpi, running=session.running, frames_received=session.frames_received
+    )
+    assert snapshot.frames_processed == 3 and snapshot.mask_frame_index == 2
+    assert snapshot.end_to_end_ms["p50"] is not None and "mrml" in snapshot.stage_latency_ms
+    assert snapshot.latency_reference == "arrival"
+    panel = indicators.format_kpi_panel(snapshot)
+    assert "3 processed" in panel and "from arrival" in panel
     session.stop()
     assert sink.records[-1]["event"] == "live_stop"
 

@@ -1,12 +1,9 @@
 """The module's self-test scenario (`UltramotionIGTTest.test_LiveSyntheticStream` in
 UltramotionIGT/UltramotionIGT.py), run in pytest against slicer-core (real MRML, no Qt).
 
-The module's logic needs Slicer's Qt layer (ScriptedLoadableModule, parameterNodeWrapper), which
-slicer-core does not have; its frame path is thin, though: ``Pipeline.from_paths`` ->
-``LiveSession(process_frame = pipeline.process_frame(...).to_host())`` -> ``process_pending()`` per
-timer tick, with a `KpiTracker` as KPI sink and the indicator texts from
-`UltramotionIGTLib.slicer.indicators`. This test builds exactly that chain and drives it step by step with
-the same synthetic stream, geometry, producer pattern and checks as the self-test.
+The module's logic maps its parameter node to the library's `SessionController` and copies state and
+indicator texts back; this test drives that same controller step by step, with the same synthetic
+stream, geometry, producer pattern and checks as the self-test.
 """
 
 from __future__ import annotations
@@ -18,13 +15,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-c
 vtk = pytest.importorskip("vtk")
 
 from UltramotionIGTLib.slicer import mrml  # noqa: E402
-from UltramotionIGTLib.slicer.indicators import (  # noqa: E402
-    KpiTracker,
-    PathState,
-    format_corner_annotation,
-    format_kpi_panel,
-    status_light,
-)
+from UltramotionIGTLib.slicer.indicators import PathState, status_light  # noqa: E402
 from UltramotionIGTLib.tools import doctor  # noqa: E402
 from UltramotionIGTLib.tools.phantom import VESSEL_LABEL, PhantomStream  # noqa: E402
 
@@ -82,8 +73,10 @@ def check_segments(segmentation_node, volume_node, result):
 def test_module_self_test_scenario_on_slicer_core(context, models):
     import vtk.util.numpy_support  # noqa: F401 - used by check_segments
 
-    from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
-    from UltramotionIGTLib.slicer.sessions import LiveSession
+    from UltramotionIGTLib.core.pipeline import PipelineConfig
+    from UltramotionIGTLib.models.source import ModelSource
+    from UltramotionIGTLib.slicer.controller import SessionController
+    from UltramotionIGTLib.slicer.sessions import SessionState
 
     detector, sam, sam_type, trained = models
     scene = context.scene
@@ -95,40 +88,30 @@ def test_module_self_test_scenario_on_slicer_core(context, models):
         stream.frame(0).image.shape,
     )
     volume = mrml.new_volume_node(scene, stream.frame(0).image, geometry, name="US image")
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "US image segmentation")
 
-    # logic.loadPipeline + logic.processFrame
+    # logic.start: models and settings from the parameter node, no output selected yet
+    controller = SessionController()
     config = PipelineConfig(device="cpu", score_threshold=0.3 if trained else 0.0, max_targets_per_class=4)
-    pipeline = Pipeline.from_paths(detector, sam, sam_type=sam_type, config=config)
-    results = []
-
-    def process_frame(frame, frame_index, timestamp):
-        result = pipeline.process_frame(frame, frame_index=frame_index, timestamp=timestamp).to_host()
-        results.append(result)
-        return result
-
-    # logic.start
-    statuses = []
-    tracker = KpiTracker()
-    session = LiveSession(
-        volume,
-        segmentation_node,
-        process_frame,
-        drop_policy="newest",
-        status_callback=statuses.append,
-        kpi_sink=tracker,
+    statuses: list[str] = []
+    controller.start(
+        volume, None, ModelSource(detector, sam, sam_type), config, "live", status_callback=statuses.append
     )
-    session.start(process_current=True)
-    assert session.running
+    assert controller.running and controller.state == SessionState.RUNNING
+    segmentation_node = controller.output_node
+    assert segmentation_node.GetName() == "US image segmentation" and segmentation_node.GetScene() is scene
+    assert controller.step()  # the frame already in the input is processed first
+    assert controller.last_result.frame_index == 0
 
     # a producer faster than inference: two new frames per timer tick, the newest is processed
+    results = []
     for step in range(3):
         newest = 2 * step + 2
         for k in (newest - 1, newest):
             mrml.write_frame_to_volume(volume, stream.frame(k).image)
-        assert session.process_pending() is True
-        assert session.process_pending() is False  # nothing left: no queue
-        result = results[-1]
+        assert controller.step() is True
+        assert controller.step() is False  # nothing left: no queue
+        result = controller.last_result
+        results.append(result)
         assert result.frame_index == newest
         assert result.image_size == stream.frame(newest).image.shape
         check_segments(segmentation_node, volume, result)
@@ -138,31 +121,56 @@ def test_module_self_test_scenario_on_slicer_core(context, models):
                 if int(label) == VESSEL_LABEL:
                     dice = [2.0 * (m & mask).sum() / (m.sum() + mask.sum()) for m in result.masks]
                     assert max(dice, default=0.0) >= 0.5
-    assert (session.frames_received, session.frames_processed, session.frames_dropped) == (7, 3, 4)
-    assert len(results) == 3
+    session = controller.session
+    assert (session.frames_received, session.frames_processed, session.frames_dropped) == (7, 4, 3)
     if not trained:
         assert any(len(r) for r in results), "with threshold 0 the random models must propose targets"
 
     # the indicators the widget shows (logic.indicatorTexts)
-    snap = tracker.snapshot(
-        frames_received=session.frames_received,
-        frames_dropped=session.frames_dropped,
-        latest_frame_index=session.frames_received - 1,
-    )
-    snap.device, snap.path = str(pipeline.device), "gpu_resident"
-    panel = format_kpi_panel(snap)
-    assert "3 processed" in panel and "4 of 7 received" in panel
-    assert "frame #6" in panel
+    texts = controller.indicator_texts()
+    assert "4 processed" in texts["panel"] and "3 of 7 received" in texts["panel"]
+    assert "frame #6" in texts["panel"]
     for stage in ("detector", "sam_decoder", "mrml"):
-        assert f"  {stage}" in panel
+        assert f"  {stage}" in texts["panel"]
+    snap = controller.snapshot()
+    assert snap.device == "cpu" and snap.path == "gpu_resident"
     assert status_light(snap).state is PathState.CPU
-    assert format_corner_annotation(snap).startswith("CPU | ") and "drop 4" in format_corner_annotation(snap)
+    assert texts["corner"].startswith("CPU | ") and "drop 3" in texts["corner"]
+
+    # a second start reuses the loaded pipeline (same models and device), with the new thresholds
+    pipeline = controller.pipeline
+    controller.start(volume, segmentation_node, ModelSource(detector, sam, sam_type), config, "live")
+    assert controller.pipeline is pipeline and controller.session is not session
+    assert session.done and "stopped" in session.status_message
 
     # deleting the input mid-stream stops processing with a status; no exception escapes
+    assert controller.step()
     mrml.write_frame_to_volume(volume, stream.frame(7).image)
     scene.RemoveNode(volume)
-    assert session.process_pending() is False
-    assert not session.running
-    assert "removed" in session.status_message
-    assert statuses and "removed" in statuses[-1]
+    assert controller.step() is False
+    assert not controller.running
+    assert "removed" in controller.status_message
+    assert statuses and "removed" not in statuses[-1]  # the first session's callback saw its own stop
+    session = controller.session
     assert session.frames_received == session.frames_processed + session.frames_dropped
+
+
+def test_replay_mode_needs_a_sequence_and_names_the_fix(context, models):
+    from UltramotionIGTLib.core.pipeline import PipelineConfig
+    from UltramotionIGTLib.models.source import ModelSource
+    from UltramotionIGTLib.slicer.controller import SessionController
+
+    detector, sam, sam_type, _ = models
+    volume = mrml.new_volume_node(
+        context.scene,
+        PhantomStream(seed=1, n_frames=1).frame(0).image,
+        mrml.FrameGeometry.from_matrix(np.eye(4), (256, 256)),
+    )
+    controller = SessionController()
+    with pytest.raises(ValueError, match="Replay needs a sequence"):
+        controller.start(
+            volume, None, ModelSource(detector, sam, sam_type), PipelineConfig(device="cpu"), "replay"
+        )
+    with pytest.raises(ValueError, match="Select an input volume"):
+        controller.start(None, None, ModelSource(detector, sam, sam_type), PipelineConfig(device="cpu"))
+    assert controller.session is None and controller.snapshot() is None

@@ -71,8 +71,8 @@ are dropped and counted (newest frame first), so the display never lags behind a
 <li><b>Apply once</b> processes the current frame.</li>
 <li>The output segmentation gets one segment per tracked target (vessel-1, needle-100, ...).</li>
 <li>The <b>Status</b> panel shows device, frame rate, latency per stage, dropped frames, host syncs
-per frame, GPU memory and the age of the mask on screen. Green light: GPU-resident; yellow: CPU;
-orange: legacy (host round-trip) path.</li>
+per frame, GPU memory and the age of the mask on screen. Green light: GPU-resident on CUDA;
+yellow: CPU.</li>
 <li><b>Check environment</b> tells what is missing (PyTorch, CUDA, model files) and what to do.</li>
 </ul>
 Without a model of your own, the shipped demo models (trained on a synthetic phantom) are used.
@@ -144,7 +144,6 @@ class UltramotionIGTParameterNode:
     mode - live (newest frame, drops counted) or replay (every frame of a sequence).
     dropPolicy / everyNth - how live mode keeps up with a fast producer.
     showTargetPoints - also write each target's weighted centroid to a markups node.
-    legacyPath - run the slower host round-trip path, for comparison.
     showCornerAnnotation - a one-line KPI summary in the slice view.
     runState / statusMessage - what the logic is doing (written by the logic, shown by the widget).
     """
@@ -162,7 +161,6 @@ class UltramotionIGTParameterNode:
     dropPolicy: DropPolicy = DropPolicy.NEWEST
     everyNth: Annotated[int, WithinRange(1, 100)] = 2
     showTargetPoints: bool = False
-    legacyPath: bool = False
     showCornerAnnotation: bool = True
     runState: RunState = RunState.IDLE
     statusMessage: str = ""
@@ -297,7 +295,6 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.samPathLineEdit,
             self.ui.samTypeComboBox,
             self.ui.deviceComboBox,
-            self.ui.legacyPathCheckBox,
         ):
             widget.enabled = not running
 
@@ -391,7 +388,8 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateIndicators(force=True)
             return
         if processed and self._parameterNode.showCornerAnnotation:
-            self._setCornerText(self.logic.cornerText())  # per frame: names the frame the mask came from
+            texts = self.logic.indicatorTexts()  # per frame: names the frame the mask came from
+            self._setCornerText(texts["corner"] if texts else "")
         self._updateIndicators()
 
     # -- indicators --------------------------------------------------------------------------------
@@ -456,11 +454,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.session = None
-        self.pipeline = None
-        self._pipelineKey = None
-        self.kpiTracker = None
-        self.lastResult = None
+        self.controller = None  # the library's SessionController, made after the dependency check
         self._parameterNode = None
 
     def getParameterNode(self):
@@ -616,253 +610,102 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         )
         return doctor.format_report(results), doctor.all_ok(results)
 
-    # -- processing --------------------------------------------------------------------------------
+    # -- processing: the library's controller does the work ---------------------------------------
 
-    def loadPipeline(self, parameterNode):
-        """Load (or reuse) the pipeline for the node's models, device and thresholds."""
-        self.checkDependencies()
-        from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+    def _controller(self):
+        if self.controller is None:
+            self.checkDependencies()
+            from UltramotionIGTLib.slicer.controller import SessionController
 
-        detector, sam = self.demoModelPaths()
-        detectorPath = (
-            detector if self._isUnset(parameterNode.detectorFolder) else parameterNode.detectorFolder
+            self.controller = SessionController()
+        return self.controller
+
+    def modelSource(self, parameterNode):
+        """The node's models (empty paths: the shipped demo models) as a `ModelSource`."""
+        from UltramotionIGTLib.models.source import ModelSource
+
+        return ModelSource.from_paths(
+            parameterNode.detectorFolder, parameterNode.samCheckpoint, parameterNode.samType.value
         )
-        samPath = sam if self._isUnset(parameterNode.samCheckpoint) else parameterNode.samCheckpoint
-        if detectorPath is None or samPath is None:
-            from UltramotionIGTLib.errors import CheckpointError
 
-            raise CheckpointError(
-                "No model selected and the shipped demo models were not found: choose a D-FINE detector "
-                "folder and a SAM checkpoint in the Models section."
-            )
-        config = PipelineConfig(
+    def pipelineConfig(self, parameterNode):
+        from UltramotionIGTLib.core.pipeline import PipelineConfig
+
+        return PipelineConfig(
             device=parameterNode.device.value,
             score_threshold=float(parameterNode.scoreThreshold),
             max_targets_per_class=int(parameterNode.maxTargets),
-            gpu_resident=not parameterNode.legacyPath,
-            sam_as_numpy=bool(parameterNode.legacyPath),
         )
-        modelKey = (str(detectorPath), str(samPath), parameterNode.samType.value, config.device)
-        if self.pipeline is not None and self._pipelineKey == modelKey:
-            self.pipeline.config = config  # thresholds and path flags apply from the next frame
-            self.pipeline.reset()
-            return self.pipeline
-        self.pipeline = Pipeline.from_paths(
-            detectorPath, samPath, sam_type=parameterNode.samType.value, config=config
+
+    def start(self, parameterNode) -> None:
+        """Start processing the node's input (live or replay) into its output segmentation (created
+        when none is selected). The widget's timer (or a test's loop) then calls `processPending`."""
+        controller = self._controller()
+        self._parameterNode = parameterNode
+        parameterNode.statusMessage = _("Loading models...")
+        controller.start(
+            parameterNode.inputVolume,
+            parameterNode.outputSegmentation,
+            self.modelSource(parameterNode),
+            self.pipelineConfig(parameterNode),
+            parameterNode.mode.value,
+            drop_policy=parameterNode.dropPolicy.value,
+            every_nth=int(parameterNode.everyNth),
+            target_points=bool(parameterNode.showTargetPoints),
+            status_callback=self._onStatus,
         )
-        self._pipelineKey = modelKey
-        return self.pipeline
-
-    def processFrame(self, frame, frameIndex=None, timestamp=None):
-        """One frame (HxW or HxWx3 numpy) -> `HostResult` (after the single device-to-host copy).
-
-        This is the sessions' ``process_frame`` callback.
-        """
-        result = self.pipeline.process_frame(frame, frame_index=frameIndex, timestamp=timestamp).to_host()
-        self.lastResult = result
-        return result
+        parameterNode.outputSegmentation = controller.output_node
+        self._syncRunState()
 
     def _onStatus(self, message) -> None:
         if self._parameterNode is not None:
             self._parameterNode.statusMessage = message
 
-    @staticmethod
-    def sequenceBrowserForProxy(volumeNode):
-        """The sequence browser whose proxy node is ``volumeNode`` (replay input), or None."""
-        scene = volumeNode.GetScene()
-        browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
-        for i in range(browsers.GetNumberOfItems()):
-            browser = browsers.GetItemAsObject(i)
-            if browser.GetSequenceNode(volumeNode) is not None:
-                return browser
-        return None
-
-    def start(self, parameterNode) -> None:
-        """Start a live session (or a replay of the input's sequence) on the node's input volume.
-
-        Loads the models on first use (or when they changed), creates the output segmentation if
-        none is selected, and sets ``runState`` to RUNNING. Frames are then processed by
-        `processPending`, which the widget's timer (or a test's loop) calls.
-        """
-        self.stop(None)
-        volume = parameterNode.inputVolume
-        if not volume:
-            raise ValueError(_("Select an input volume first."))
-        self._parameterNode = parameterNode
-        browser = None
-        if parameterNode.mode == Mode.REPLAY:
-            browser = self.sequenceBrowserForProxy(volume)
-            if browser is None:
-                raise ValueError(
-                    _(
-                        "Replay needs a sequence: '{0}' is not played by a sequence browser. Load a recording "
-                        "(e.g. a PLUS .igs.mha) as a sequence, or choose Live mode."
-                    ).format(volume.GetName())
-                )
-        parameterNode.statusMessage = _("Loading models...")
-        self.loadPipeline(parameterNode)
-        from UltramotionIGTLib.slicer import sessions as live
-        from UltramotionIGTLib.slicer.indicators import KpiTracker
-
-        if not parameterNode.outputSegmentation:
-            segmentation = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", volume.GetName() + " segmentation"
-            )
-            segmentation.CreateDefaultDisplayNodes()
-            parameterNode.outputSegmentation = segmentation
-        self.kpiTracker = KpiTracker()
-        if browser is not None:
-            self.session = live.ReplaySession(
-                browser,
-                parameterNode.outputSegmentation,
-                self.processFrame,
-                kpi_sink=self.kpiTracker,
-                status_callback=self._onStatus,
-            )
-        else:
-            markups = None
-            if parameterNode.showTargetPoints:
-                markups = slicer.mrmlScene.GetFirstNodeByName("UltramotionIGT targets")
-                if markups is None:
-                    markups = slicer.mrmlScene.AddNewNodeByClass(
-                        "vtkMRMLMarkupsFiducialNode", "UltramotionIGT targets"
-                    )
-            self.session = live.LiveSession(
-                volume,
-                parameterNode.outputSegmentation,
-                self.processFrame,
-                drop_policy=parameterNode.dropPolicy.value,
-                every_nth=int(parameterNode.everyNth)
-                if parameterNode.dropPolicy == DropPolicy.EVERY_NTH
-                else 1,
-                status_callback=self._onStatus,
-                kpi_sink=self.kpiTracker,
-                markups_node=markups,
-            )
-        parameterNode.runState = RunState.RUNNING
-        if browser is None:
-            self.session.start(process_current=True)  # the frame on screen is processed first
-        self._syncRunState()
-
-    def _sessionDone(self) -> bool:
-        session = self.session
-        if session is None:
-            return True
-        return session.done if hasattr(session, "done") else not session.running
-
     def _syncRunState(self) -> None:
-        """Copy the session's end (stopped, finished, failed) into the parameter node."""
-        node = self._parameterNode
-        if node is None or self.session is None or not self._sessionDone():
+        """Copy the controller's state (running, stopped, finished, failed) into the parameter node."""
+        node, controller = self._parameterNode, self.controller
+        if node is None or controller is None or controller.session is None:
             return
-        failed = self.session.state.value == "error"
-        node.runState = RunState.FAILED if failed else RunState.STOPPED
-        node.statusMessage = self.session.status_message
+        state = controller.state.value
+        node.runState = {"running": RunState.RUNNING, "error": RunState.FAILED}.get(state, RunState.STOPPED)
+        node.statusMessage = controller.status_message
 
     def processPending(self) -> int:
-        """Do the work that is waiting: live, the newest frame that arrived; replay, the next frame.
-
-        Returns the number of frames processed (0 or 1). Never raises for a frame's failure: when
-        the session stops by itself (input or output node deleted, geometry changed, sequence
-        finished, an error), ``runState`` becomes STOPPED or FAILED and ``statusMessage`` says why.
-        """
-        session = self.session
-        if session is None or (
-            self._parameterNode is not None and self._parameterNode.runState != RunState.RUNNING
-        ):
+        """Process the pending frame (live: the newest that arrived; replay: the next). Returns 0 or 1;
+        never raises for a frame's failure (runState FAILED and statusMessage say why)."""
+        if self.controller is None:
             return 0
-        done = session.step() if hasattr(session, "step") else session.process_pending()
+        processed = self.controller.step()
         self._syncRunState()
-        return 1 if done else 0
+        return 1 if processed else 0
 
     def processOnce(self, parameterNode):
-        """Process the input volume's current frame once into the output segmentation.
-
-        Returns the `HostResult`; raises RuntimeError with the status message if it failed.
-        """
-        mode = parameterNode.mode
-        parameterNode.mode = Mode.LIVE
-        try:
-            self.start(parameterNode)
-        finally:
-            parameterNode.mode = mode
-        processed = self.processPending()
-        message = self.session.status_message if self.session is not None else ""
-        if not processed:
-            self.stop(message or _("No frame was processed"))
-            raise RuntimeError(_("The frame was not processed: {0}").format(message))
-        self.stop(_("Processed frame: {0} target(s)").format(len(self.lastResult)))
-        return self.lastResult
+        """Process the input's current frame once; returns the `HostResult` (RuntimeError if not)."""
+        controller = self._controller()
+        self._parameterNode = parameterNode
+        result = controller.process_once(
+            parameterNode.inputVolume,
+            parameterNode.outputSegmentation,
+            self.modelSource(parameterNode),
+            self.pipelineConfig(parameterNode),
+        )
+        parameterNode.outputSegmentation = controller.output_node
+        self._syncRunState()
+        return result
 
     def stop(self, reason=None) -> None:
-        """Stop the running session (if any). ``reason`` (when given) becomes the status message."""
-        if self.session is not None:
-            if not self._sessionDone():
-                self.session.stop(reason or "stopped")
+        """Stop processing (if running); ``reason`` becomes the status message."""
+        if self.controller is not None:
+            self.controller.stop(reason)
             self._syncRunState()
-        if self._parameterNode is not None and reason is not None:
-            if self._parameterNode.runState == RunState.RUNNING:
-                self._parameterNode.runState = RunState.STOPPED
-            if self._parameterNode.runState != RunState.FAILED:
-                self._parameterNode.statusMessage = reason
 
-    # -- indicators --------------------------------------------------------------------------------
-
-    def kpiSnapshot(self):
-        """The current `KpiSnapshot` (None before anything was processed or started)."""
-        if self.kpiTracker is None:
-            return None
-        from UltramotionIGTLib.slicer.indicators import KpiSnapshot, gpu_memory_mb
-
-        node = self._parameterNode
-        session = self.session
-        received = getattr(session, "frames_received", None) if session is not None else None
-        snap = self.kpiTracker.snapshot(
-            running=node is not None and node.runState == RunState.RUNNING,
-            frames_received=received,
-            frames_dropped=getattr(session, "frames_dropped", 0) if session is not None else 0,
-            latest_frame_index=received - 1 if received else None,
-            error=node.statusMessage if node is not None and node.runState == RunState.FAILED else None,
-            status_message=node.statusMessage if node is not None else "",
-        )
-        data = snap.to_dict()
-        if self.pipeline is not None:
-            data["device"] = str(self.pipeline.device)
-            data["path"] = "legacy" if self.pipeline.config.legacy else "gpu_resident"
-            if self.pipeline.device.type == "cuda":
-                import torch
-
-                data["device_name"] = torch.cuda.get_device_name(self.pipeline.device)
-            data.update(gpu_memory_mb(self.pipeline.device))
-        return KpiSnapshot.from_dict(data)
-
-    def cornerText(self):
-        """The one-line KPI text for the slice view corner ("" before anything ran)."""
-        snap = self.kpiSnapshot()
-        if snap is None:
-            return ""
-        from UltramotionIGTLib.slicer.indicators import format_corner_annotation
-
-        return format_corner_annotation(snap)
+    @property
+    def lastResult(self):
+        return self.controller.last_result if self.controller is not None else None
 
     def indicatorTexts(self):
-        """Texts and colours for the widget: KPI panel, status light (style sheet, tooltip), corner line."""
-        snap = self.kpiSnapshot()
-        if snap is None:
-            return None
-        from UltramotionIGTLib.slicer.indicators import (
-            format_corner_annotation,
-            format_kpi_panel,
-            status_light,
-        )
-
-        light = status_light(snap)
-        return {
-            "panel": format_kpi_panel(snap),
-            "lightStyleSheet": light.style_sheet(),
-            "lightTooltip": light.tooltip,
-            "corner": format_corner_annotation(snap),
-        }
+        """Panel text, status light (style sheet, tooltip) and corner line; None before any start."""
+        return self.controller.indicator_texts() if self.controller is not None else None
 
 
 #
@@ -942,7 +785,7 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
             self._checkSegments(segmentation, volume, logic.lastResult)
             if trained:
                 self._checkContent(logic.lastResult, stream.frame(newest))
-        session = logic.session
+        session = logic.controller.session
         self.assertEqual(session.frames_received, 7)
         self.assertEqual(session.frames_processed, 3)
         self.assertEqual(session.frames_dropped, 4)

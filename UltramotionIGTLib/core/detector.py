@@ -11,10 +11,6 @@ model runs under ``torch.inference_mode()`` and the post-processing (sigmoid sco
 queries x classes, cxcywh -> XYXY in pixels of the input frame) is done with tensor ops. It returns
 a fixed number K of detections sorted by score, with no thresholding: the caller masks on the device.
 No ``.cpu()/.item()/.tolist()/.numpy()/bool(tensor)/nonzero`` happens in that path (a test counts them).
-
-``gpu_resident=False`` keeps the old pipeline's legacy path for side-by-side measurements: the frame
-goes to the host, is preprocessed with numpy, comes back, and the model outputs are post-processed
-in numpy before being copied back to the device.
 """
 
 from __future__ import annotations
@@ -641,42 +637,47 @@ class DFineDetector:
 
     # ---------------------------------------------------------------- inference
 
-    def run_inference_torch(
-        self, frame: torch.Tensor | np.ndarray, gpu_resident: bool = True, num_top: int | None = None
-    ) -> Detections:
+    def run_inference_torch(self, frame: torch.Tensor | np.ndarray, num_top: int | None = None) -> Detections:
         """Detect objects in one frame; results stay on the model's device.
 
         frame: HxW (grayscale), 1xHxW, 3xHxW or HxWx3, uint8 or float in 0..255, a torch tensor on
         any device (moved to the model's device if needed) or a numpy array.
         Returns Detections with boxes Kx4 (float32 XYXY, pixels of this frame), scores K, labels K,
         sorted by score descending, K = ``num_top`` (default: num_queries), no thresholding.
-        ``gpu_resident=False`` runs the legacy host/numpy path (same results, for comparison).
+        No host sync. (The in-house ``gpu_resident=False`` host path is kept for comparison in
+        `UltramotionIGTLib.tools.benchmarks.legacy`.)
         """
         batch = self._as_batch(frame, batched=False)
-        result = self._run(batch, gpu_resident, num_top)
+        result = self._run(batch, num_top)
         return Detections(result.boxes[0], result.scores[0], result.labels[0])
 
     def run_inference_batch(
-        self, frames: torch.Tensor | np.ndarray, gpu_resident: bool = True, num_top: int | None = None
+        self, frames: torch.Tensor | np.ndarray, num_top: int | None = None
     ) -> Detections:
         """Detect objects in a batch of same-size frames: BxHxW, Bx1xHxW, Bx3xHxW or BxHxWx3.
 
         Returns Detections with BxKx4 boxes (pixels of the frames), BxK scores and BxK labels.
         """
-        return self._run(self._as_batch(frames, batched=True), gpu_resident, num_top)
+        return self._run(self._as_batch(frames, batched=True), num_top)
 
     __call__ = run_inference_torch
 
-    def _run(self, batch: torch.Tensor, gpu_resident: bool, num_top: int | None) -> Detections:
+    def num_top(self, num_top: int | None = None) -> int:
+        """K detections per frame: ``num_top`` checked against queries x classes, default num_queries."""
         num_classes = len(self._class_names)
         k = self.num_queries if num_top is None else int(num_top)
         if not 1 <= k <= self.num_queries * num_classes:
             raise ValueError(
                 f"num_top must be in 1..{self.num_queries * num_classes} (queries x classes), got {k}"
             )
-        if gpu_resident:
-            return self._run_resident(batch, k)
-        return self._run_legacy(batch, k)
+        return k
+
+    def _run(self, batch: torch.Tensor, num_top: int | None) -> Detections:
+        k = self.num_top(num_top)
+        image_size = (int(batch.shape[-2]), int(batch.shape[-1]))
+        logits, pred_boxes = self.forward(self.preprocess_torch(batch))
+        # outside inference_mode on purpose: the results are ordinary tensors callers may update in place
+        return postprocess_detections(logits, pred_boxes, image_size, k)
 
     @staticmethod
     def _as_batch(frame: torch.Tensor | np.ndarray, batched: bool) -> torch.Tensor:
@@ -703,7 +704,8 @@ class DFineDetector:
         expected = "BxHxW, Bx1xHxW, Bx3xHxW or BxHxWx3" if batched else "HxW, 1xHxW, 3xHxW or HxWx3"
         raise UnsupportedImageTypeError(f"frame of shape {shape} is not an image: expected {expected}")
 
-    def _forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model input Bx3xhxw (see `preprocess_torch`) -> (logits BxQxC, pred_boxes BxQx4 cxcywh 0..1)."""
         with torch.inference_mode(), _without_transformers_sync_checks():
             outputs = self._model(pixel_values=pixel_values.to(self._dtype))
         return outputs.logits, outputs.pred_boxes
@@ -718,98 +720,6 @@ class DFineDetector:
             mean=self._mean,
             inv_std=self._inv_std,
         )
-
-    def _run_resident(self, batch: torch.Tensor, k: int) -> Detections:
-        image_size = (int(batch.shape[-2]), int(batch.shape[-1]))
-        logits, pred_boxes = self._forward(self.preprocess_torch(batch))
-        # outside inference_mode on purpose: the results are ordinary tensors callers may update in place
-        return postprocess_detections(logits, pred_boxes, image_size, k)
-
-    # ---------------------------------------------------------------- legacy path (old pipeline)
-
-    def _run_legacy(self, batch: torch.Tensor, k: int) -> Detections:
-        """The old pipeline: host copy, numpy preprocessing, model, numpy post-processing, copy back."""
-        prep = self._preprocessing
-        frames = batch.detach().to("cpu").numpy().astype(np.float32)  # BxCxHxW on the host
-        image_h, image_w = frames.shape[-2:]
-        inputs = []
-        for frame in frames:
-            x = (
-                _resize_bilinear_numpy(frame, prep.input_size)
-                if (image_h, image_w) != prep.input_size
-                else frame
-            )
-            if prep.do_rescale:
-                x = x * np.float32(prep.rescale_factor)
-            if x.shape[0] == 1:
-                x = np.repeat(x, 3, axis=0)
-            if prep.do_normalize:
-                mean = np.asarray(prep.image_mean, dtype=np.float32)[:, None, None]
-                std = np.asarray(prep.image_std, dtype=np.float32)[:, None, None]
-                x = (x - mean) * (np.float32(1.0) / std)
-            inputs.append(x)
-        pixel_values = torch.from_numpy(np.stack(inputs)).to(self._device)
-        if self._channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        logits_t, boxes_t = self._forward(pixel_values)
-        logits = logits_t.float().cpu().numpy()
-        pred_boxes = boxes_t.float().cpu().numpy()
-        boxes, scores, labels = _postprocess_numpy(logits, pred_boxes, (image_h, image_w), k)
-        return Detections(
-            boxes=torch.from_numpy(boxes).to(self._device),
-            scores=torch.from_numpy(scores).to(self._device),
-            labels=torch.from_numpy(labels).to(self._device),
-        )
-
-
-def _resize_bilinear_numpy(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """CxHxW float32 -> Cxhxw; the arithmetic of torch's bilinear, align_corners=False, no antialias."""
-
-    def axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scale = np.float32(in_size / out_size)
-        src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-        src = np.maximum(src, np.float32(0.0))
-        i0 = np.minimum(src.astype(np.int64), in_size - 1)
-        i1 = np.minimum(i0 + 1, in_size - 1)
-        lam = (src - i0.astype(np.float32)).astype(np.float32)
-        return i0, i1, lam
-
-    out_h, out_w = size
-    y0, y1, ly = axis(image.shape[-2], out_h)
-    x0, x1, lx = axis(image.shape[-1], out_w)
-    ly = ly[:, None]
-    one = np.float32(1.0)
-    top = image[:, y0, :]
-    bottom = image[:, y1, :]
-    rows = (one - ly) * top + ly * bottom  # C x out_h x W
-    return ((one - lx) * rows[:, :, x0] + lx * rows[:, :, x1]).astype(np.float32)
-
-
-def _postprocess_numpy(
-    logits: np.ndarray, pred_boxes: np.ndarray, image_size: tuple[int, int], k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Numpy twin of `postprocess_detections` (the old pipeline's host post-processing)."""
-    num_classes = logits.shape[-1]
-    scores = (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)
-    flat = scores.reshape(scores.shape[0], -1)
-    index = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    top_scores = np.take_along_axis(flat, index, axis=1)
-    labels = (index % num_classes).astype(np.int64)
-    query = index // num_classes
-    boxes = np.take_along_axis(pred_boxes.astype(np.float32), query[..., None], axis=1)
-    cx, cy, w, h = (boxes[..., i] for i in range(4))
-    height, width = np.float32(image_size[0]), np.float32(image_size[1])
-    half = np.float32(0.5)
-    xyxy = np.stack(
-        [
-            (cx - half * w) * width,
-            (cy - half * h) * height,
-            (cx + half * w) * width,
-            (cy + half * h) * height,
-        ],
-        axis=-1,
-    ).astype(np.float32)
-    return xyxy, top_scores.astype(np.float32), labels
 
 
 def _describe(mismatched: list[Any]) -> str:

@@ -40,7 +40,8 @@ class ResultPacket:
     Shapes: boxes Kx4 (XYXY, pixels of the input frame, float32); scores K (float32); labels K
     (int64 class index); valid K (bool: selected as a prompt and kept); masks KxHxW (bool);
     centroids Kx2 (x, y pixels, weighted by mask probability and score); areas K (weighted pixel
-    count); track_ids K (int64, -1 when untracked).
+    count); track_ids K (int64, -1 when untracked). ``path`` names the pipeline implementation
+    (``"gpu_resident"``, or ``"legacy"`` for the benchmarks' in-house-habits path).
     """
 
     frame_index: int
@@ -56,7 +57,7 @@ class ResultPacket:
     class_names: tuple[str, ...] = CLASS_NAMES
     timestamp: float | None = None
     timer: StageTimer | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    path: str = "gpu_resident"
 
     @property
     def device(self) -> torch.device:
@@ -104,12 +105,29 @@ class ResultPacket:
             class_names=self.class_names,
             timestamp=self.timestamp,
             stage_ms=stage_ms,
+            device=str(self.device),
+            path=self.path,
+            tensor_devices=self.tensor_devices(),
         )
+
+    def tensor_devices(self) -> dict[str, str]:
+        """Where the frame's results were computed, per output (the in-house "GPU continuity" KPI)."""
+        return {
+            "boxes": str(self.boxes.device),
+            "masks": str(self.masks.device),
+            "weights": str(self.centroids.device),
+            "track_ids": str(self.track_ids.device),
+        }
 
 
 @dataclass
 class HostResult:
-    """Host-side (numpy) results of one frame: M valid targets. Shapes as in `ResultPacket`."""
+    """Host-side (numpy) results of one frame: M valid targets. Shapes as in `ResultPacket`.
+
+    ``stage_ms``: milliseconds per stage (`UltramotionIGTLib.core.kpi.STAGES`); ``device``,
+    ``tensor_devices`` and ``path``: where and by which implementation it was computed (for the KPI
+    record).
+    """
 
     frame_index: int
     image_size: tuple[int, int]
@@ -123,6 +141,9 @@ class HostResult:
     class_names: tuple[str, ...] = CLASS_NAMES
     timestamp: float | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+    device: str | None = None
+    path: str | None = None
+    tensor_devices: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

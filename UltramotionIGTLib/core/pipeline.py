@@ -1,21 +1,17 @@
-"""The orchestrator: frame -> D-FINE -> prompt selection -> tracker -> SAM -> mask weights -> ResultPacket.
+"""The orchestrator: frame -> D-FINE -> prompt selection -> SAM -> mask weights -> tracker -> ResultPacket.
 
-GPU-resident path (default): one host-to-device copy of the frame (`prepare_inference_inputs`),
-everything after it stays on the device with fixed shapes (K = classes x max_targets_per_class
-prompts, invalid ones masked, never filtered on the host), and `ResultPacket.to_host()` is the one
-device-to-host hop. Stage times come from `StageTimer` (CUDA events read back after that hop).
+One host-to-device copy of the frame (`prepare_inference_inputs`); everything after it stays on the
+device with fixed shapes (K = classes x max_targets_per_class prompts, invalid ones masked, never
+filtered on the host); `ResultPacket.to_host()` is the one device-to-host hop. Stage times come from
+`StageTimer` (CUDA events read back after that hop), in the order of `kpi.STAGES`.
 
-Legacy path (``gpu_resident=False`` and/or ``sam_as_numpy=True``): the in-house pipeline's habits,
-kept for side-by-side measurement: frame and detections hop to the host, prompts are filtered in
-numpy, SAM is called once per box and returns numpy, mask weights are computed on the CPU.
+The in-house pipeline's habits (``gpu_resident=False`` / ``sam_as_numpy=True``: frame and boxes hop to
+the host, one SAM call per box, numpy mask weights) are not here: they live with the benchmarks that
+compare against them (`UltramotionIGTLib.tools.benchmarks.legacy.LegacyPipeline`).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,26 +21,25 @@ import torch
 
 from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
-from UltramotionIGTLib.core.kpi import KpiSink, LatencyStats, StageTimer, format_kpi, safe_log_kpi
-from UltramotionIGTLib.core.packet import HostResult, ResultPacket
+from UltramotionIGTLib.core.kpi import StageTimer
+from UltramotionIGTLib.core.packet import ResultPacket
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
-from UltramotionIGTLib.tools.metrics import box_iou_np
-
-LOG = logging.getLogger("UltramotionIGTLib.core.pipeline")
-
-STAGES = ("prepare", "detector", "select", "track", "sam_encoder", "sam_decoder", "weights")
 
 
 @dataclass
 class PipelineConfig:
-    """Orchestrator settings. ``device``: auto | cpu | cuda[:N]."""
+    """Orchestrator settings.
+
+    device: ``auto | cpu | cuda[:N]``. score_threshold: detections scoring above it become prompts
+    (0..1). max_targets_per_class: prompt slots per class (K = classes x this). nms_iou: a prompt
+    overlapping a higher-scoring one of its class by more IoU than this is dropped. track: assign
+    stable target ids (`Tracker`); without it every target has id -1.
+    """
 
     device: str = "auto"
     score_threshold: float = 0.3
     max_targets_per_class: int = 4
     nms_iou: float = 0.6
-    gpu_resident: bool = True
-    sam_as_numpy: bool = False
     track: bool = True
 
     def __post_init__(self) -> None:
@@ -52,10 +47,8 @@ class PipelineConfig:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if int(self.max_targets_per_class) < 1:
             raise ValueError(f"max_targets_per_class must be >= 1, got {self.max_targets_per_class}")
-
-    @property
-    def legacy(self) -> bool:
-        return (not self.gpu_resident) or self.sam_as_numpy
+        if not 0.0 <= float(self.nms_iou) <= 1.0:
+            raise ValueError(f"nms_iou must be in [0, 1], got {self.nms_iou}")
 
 
 def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Tensor:
@@ -167,38 +160,34 @@ def select_prompts(
 class Pipeline:
     """The per-frame orchestrator. Heavy resources are made once; ``process_frame`` does one frame.
 
-    >>> pipeline = Pipeline.from_paths("Resources/Models/detector", "Resources/Models/sam/sam.safetensors")
+    >>> pipeline = Pipeline.from_paths("Resources/Models/detector", "Resources/Models/sam/sam_vit_t_demo.safetensors")
     >>> packet = pipeline.process_frame(frame)      # device tensors
     >>> result = packet.to_host()                    # the single device-to-host hop
+
+    ``path`` names the implementation in KPI records (``"gpu_resident"``; the benchmarks' legacy
+    subclass says ``"legacy"``).
     """
+
+    path = "gpu_resident"
 
     def __init__(
         self,
         detector: Any,
         segmenter: Any,
         config: PipelineConfig | None = None,
-        kpi_sink: KpiSink | None = None,
         tracker: Any | None = None,
     ) -> None:
         self.config = config or PipelineConfig()
         self.device = resolve_device(self.config.device)
         self.detector = detector
         self.segmenter = segmenter
-        self.kpi_sink = kpi_sink
         self.class_names: tuple[str, ...] = tuple(detector.class_names)
         if tracker is None and self.config.track:
             from UltramotionIGTLib.core.tracking import Tracker
 
             tracker = Tracker(device=self.device)
         self.tracker = tracker
-        self.latency = LatencyStats()
         self._frame_counter = 0
-        if self.config.sam_as_numpy:
-            LOG.warning("SAM running in legacy CPU mode (sam_as_numpy=True): masks hop to the host per box")
-        if not self.config.gpu_resident:
-            LOG.warning(
-                "detector running in legacy mode (gpu_resident=False): frame and boxes hop to the host"
-            )
 
     @classmethod
     def from_paths(
@@ -207,9 +196,13 @@ class Pipeline:
         sam_checkpoint: str | Path,
         sam_type: str = "auto",
         config: PipelineConfig | None = None,
-        kpi_sink: KpiSink | None = None,
+        **kwargs: Any,
     ) -> Pipeline:
-        """Load both models (clear errors for missing/corrupt checkpoints) and build the pipeline."""
+        """Load both models (clear errors for missing/corrupt checkpoints) and build the pipeline.
+
+        Raises `CheckpointError` naming the file at fault, `DeviceUnavailableError` for an unusable
+        device. ``kwargs`` go to the constructor (subclasses' options).
+        """
         from UltramotionIGTLib.core.detector import DFineDetector
         from UltramotionIGTLib.core.sam import SamSegmenter
 
@@ -217,13 +210,12 @@ class Pipeline:
         device = resolve_device(config.device)
         detector = DFineDetector.from_pretrained(detector_dir, device=device)
         segmenter = SamSegmenter.from_checkpoint(sam_checkpoint, model_type=sam_type, device=device)
-        return cls(detector, segmenter, config, kpi_sink=kpi_sink)
+        return cls(detector, segmenter, config, **kwargs)
 
     def reset(self) -> None:
-        """Forget tracks and counters (a new sequence starts)."""
+        """Forget tracks and the frame counter (a new sequence starts)."""
         if self.tracker is not None:
             self.tracker.reset()
-        self.latency = LatencyStats()
         self._frame_counter = 0
 
     # -- per frame ---------------------------------------------------------------------------------
@@ -231,54 +223,30 @@ class Pipeline:
     def process_frame(
         self, frame: Any, frame_index: int | None = None, timestamp: float | None = None
     ) -> ResultPacket:
-        """Run one frame (HxW or HxWx3, numpy or tensor) through the pipeline -> ResultPacket on the device."""
+        """One frame -> `ResultPacket` of device tensors (see `ResultPacket` for shapes).
+
+        ``frame``: HxW or HxWx3, numpy array or tensor (see `prepare_inference_inputs`).
+        ``frame_index``: its number in the stream (default: one more than the last).
+        ``timestamp``: its acquisition time in seconds (carried through to the result).
+        Raises `UnsupportedImageTypeError` for a frame that is not an image.
+        """
         if frame_index is None:
             frame_index = self._frame_counter
         self._frame_counter = frame_index + 1
         timer = StageTimer(self.device)
-        cfg = self.config
         with timer.stage("prepare"):
             image = prepare_inference_inputs(frame, self.device)
         h, w = int(image.shape[0]), int(image.shape[1])
         with timer.stage("detector"):
-            detections = self.detector.run_inference_torch(image, gpu_resident=cfg.gpu_resident)
-        if cfg.legacy:
-            boxes, scores, labels, valid, masks, probs = self._legacy_select_and_segment(
-                image, detections, timer
-            )
-        else:
-            with timer.stage("select"):
-                boxes, scores, labels, valid = select_prompts(
-                    detections.boxes,
-                    detections.scores,
-                    detections.labels,
-                    len(self.class_names),
-                    cfg.max_targets_per_class,
-                    cfg.score_threshold,
-                    cfg.nms_iou,
-                )
-            with timer.stage("sam_encoder"):
-                self.segmenter.set_torch_image(image)
-            with timer.stage("sam_decoder"):
-                sam = self.segmenter.predict_boxes(boxes, as_numpy=False)
-            masks = sam.masks & valid[:, None, None]
-            probs = sam.mask_probs
+            detections = self._detect(image)
+        boxes, scores, labels, valid, masks, probs = self._select_and_segment(image, detections, timer)
         with timer.stage("weights"):
-            if cfg.legacy:
-                centroids, areas = self._legacy_weights(probs, scores, valid)
-            else:
-                _, centroids, areas = compute_mask_weights(probs, scores, valid)
+            centroids, areas = self._mask_weights(probs, scores, valid)
         with timer.stage("track"):
             if self.tracker is not None:
                 track_ids = self.tracker.update(boxes, scores, labels, valid)
             else:
                 track_ids = torch.full_like(labels, -1)
-        devices = {
-            "frame": str(image.device),
-            "boxes": str(boxes.device),
-            "masks": str(masks.device),
-            "weights": str(centroids.device),
-        }
         return ResultPacket(
             frame_index=frame_index,
             image_size=(h, w),
@@ -293,119 +261,43 @@ class Pipeline:
             class_names=self.class_names,
             timestamp=timestamp,
             timer=timer,
-            extra={"devices": devices},
+            path=self.path,
         )
 
-    def _legacy_select_and_segment(self, image: torch.Tensor, detections: Any, timer: StageTimer):
-        """The old habits: threshold on the host, one SAM call per box returning numpy."""
+    def _detect(self, image: torch.Tensor) -> Any:
+        """`Detections` of the HxW uint8 device frame (K fixed, sorted by score, on the device)."""
+        return self.detector.run_inference_torch(image)
+
+    def _select_and_segment(self, image: torch.Tensor, detections: Any, timer: StageTimer) -> tuple:
+        """Prompts (fixed K) and their masks, on the device: (boxes, scores, labels, valid, masks, probs)."""
         cfg = self.config
-        k = len(self.class_names) * cfg.max_targets_per_class
         with timer.stage("select"):
-            det_boxes = detections.boxes.detach().cpu().numpy()
-            det_scores = detections.scores.detach().cpu().numpy()
-            det_labels = detections.labels.detach().cpu().numpy()
-            det_iou = box_iou_np(det_boxes, det_boxes)
-            chosen: list[int] = []
-            for c in range(len(self.class_names)):
-                idx = [
-                    i
-                    for i in np.argsort(-det_scores)
-                    if det_labels[i] == c and det_scores[i] > cfg.score_threshold
-                ]
-                kept: list[int] = []
-                for i in idx:
-                    if len(kept) >= cfg.max_targets_per_class:
-                        break
-                    if all(det_iou[i, j] <= cfg.nms_iou for j in kept):
-                        kept.append(i)
-                chosen.extend(kept)
-        h, w = int(image.shape[0]), int(image.shape[1])
-        boxes = np.zeros((k, 4), np.float32)
-        scores = np.zeros(k, np.float32)
-        labels = np.zeros(k, np.int64)
-        valid = np.zeros(k, bool)
-        masks = np.zeros((k, h, w), bool)
-        probs = np.zeros((k, h, w), np.float32)
+            boxes, scores, labels, valid = select_prompts(
+                detections.boxes,
+                detections.scores,
+                detections.labels,
+                len(self.class_names),
+                cfg.max_targets_per_class,
+                cfg.score_threshold,
+                cfg.nms_iou,
+            )
         with timer.stage("sam_encoder"):
             self.segmenter.set_torch_image(image)
         with timer.stage("sam_decoder"):
-            for row, i in enumerate(chosen):
-                x1, y1, x2, y2 = (float(v) for v in det_boxes[i].tolist())
-                box = torch.tensor([[x1, y1, x2, y2]], dtype=torch.float32, device=self.device)
-                out = self.segmenter.predict_boxes(box, as_numpy=True)
-                boxes[row], scores[row], labels[row], valid[row] = (
-                    det_boxes[i],
-                    det_scores[i],
-                    det_labels[i],
-                    True,
-                )
-                masks[row], probs[row] = out.masks[0], out.mask_probs[0]
-        to_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        return to_dev(boxes), to_dev(scores), to_dev(labels), to_dev(valid), to_dev(masks), probs
+            sam = self.segmenter.predict_boxes(boxes, valid=valid)
+        return boxes, scores, labels, valid, sam.masks, sam.mask_probs
 
-    def _legacy_weights(self, probs: np.ndarray, scores: torch.Tensor, valid: torch.Tensor):
-        s = scores.cpu().numpy()
-        v = valid.cpu().numpy()
-        k, h, w = probs.shape
-        centroids = np.full((k, 2), np.nan, np.float32)
-        areas = np.zeros(k, np.float32)
-        ys, xs = np.mgrid[0:h, 0:w]
-        for i in range(k):
-            if not v[i]:
-                continue
-            wts = probs[i] * s[i]
-            total = wts.sum()
-            if total > 0:
-                centroids[i] = ((wts * xs).sum() / total, (wts * ys).sum() / total)
-            areas[i] = probs[i].sum()
-        return torch.from_numpy(centroids).to(self.device), torch.from_numpy(areas).to(self.device)
-
-    # -- loops and KPIs ----------------------------------------------------------------------------
-    def frame_kpi(self, packet: ResultPacket, result: HostResult, **extra: Any) -> dict[str, Any]:
-        """The KPI record of one frame (after its host copy, when stage times are readable)."""
-        record: dict[str, Any] = {
-            "event": "frame",
-            "frame": result.frame_index,
-            "device": str(self.device),
-            "path": "legacy" if self.config.legacy else "gpu_resident",
-            "targets": len(result),
-            "stage_ms": result.stage_ms,
-            "total_ms": float(sum(result.stage_ms.values())),
-            "tensor_devices": packet.extra.get("devices", {}),
-        }
-        record.update(extra)
-        return record
-
-    def run(
-        self,
-        frames: Iterable[Any],
-        timestamps: Iterable[float | None] | None = None,
-        audit: Any | None = None,
-        **kpi_extra: Any,
-    ) -> Iterator[HostResult]:
-        """Process frames in order, yielding host results and logging one KPI record per frame.
-
-        ``audit``: an active `audit.runtime.RuntimeTransferAudit`; each frame (process + host copy) is
-        counted as one audit frame and its ``host_syncs`` / ``declared_hops`` go into the KPI record.
-        """
-        ts_iter = iter(timestamps) if timestamps is not None else None
-        for index, frame in enumerate(frames):
-            ts = next(ts_iter, None) if ts_iter is not None else None
-            t0 = time.perf_counter()
-            with audit.frame(index) if audit is not None else nullcontext():
-                packet = self.process_frame(frame, index, ts)
-                result = packet.to_host()
-            wall_ms = (time.perf_counter() - t0) * 1000.0
-            sync_kpi = audit.last_frame.kpi() if audit is not None else {}
-            self.latency.add({**result.stage_ms, "end_to_end": wall_ms})
-            if self.kpi_sink is not None:
-                record = self.frame_kpi(packet, result, wall_ms=wall_ms, **sync_kpi, **kpi_extra)
-                safe_log_kpi(format_kpi(record), self.kpi_sink)
-            yield result
+    def _mask_weights(
+        self, probs: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, centroids, areas = compute_mask_weights(probs, scores, valid)
+        return centroids, areas
 
     def describe(self) -> dict[str, Any]:
+        """Device, path, config and classes, for the start record of a run."""
         return {
             "device": str(self.device),
+            "path": self.path,
             "config": asdict(self.config),
             "class_names": list(self.class_names),
         }

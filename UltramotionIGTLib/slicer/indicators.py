@@ -9,40 +9,23 @@ strings and colours into widgets:
   an enum, a colour and a tooltip;
 - `format_corner_annotation` -> one short line for the slice view's corner annotation.
 
-Input is a `KpiSnapshot`: a plain dataclass that the pipeline and the live session fill, either
-directly or through `KpiTracker`, a `KpiSink` that turns the pipeline's JSON-lines frame records
-into snapshots. No torch import here: snapshots hold plain Python numbers.
+Input is a `KpiSnapshot`: a plain dataclass of what is shown, made by `build_snapshot` from the
+session's `KpiAggregator` (frame records) and its counters. No torch import at module scope:
+snapshots hold plain Python numbers.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
-import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
+from UltramotionIGTLib.core.kpi import KpiAggregator, ordered_stages
 
 #: Shown where a value was not measured (yet). ASCII so it renders in every font.
 MISSING = "n/a"
-
-#: Pipeline stage names in their natural order (`UltramotionIGTLib.core.pipeline.STAGES` plus the host
-#: hop and the MRML update); unknown stages are listed after these, in the order they were seen.
-STAGE_ORDER: tuple[str, ...] = (
-    "prepare",
-    "detector",
-    "select",
-    "track",
-    "sam_encoder",
-    "sam_decoder",
-    "weights",
-    "to_host",
-    "mrml",
-)
 
 #: Short stage labels for the one-line corner annotation and narrow panels.
 STAGE_LABELS: dict[str, str] = {
@@ -64,7 +47,7 @@ class KpiSnapshot:
     """What the indicators show at one moment. Plain Python values; None means "not measured".
 
     Times are milliseconds, memory is MiB. ``stage_latency_ms`` maps a stage name to
-    ``{"p50": ms, "p95": ms}`` (the format of `UltramotionIGTLib.core.kpi.LatencyStats.summary()`);
+    ``{"p50": ms, "p95": ms, ...}`` (the format of `UltramotionIGTLib.core.kpi.KpiAggregator.stage_ms()`);
     ``end_to_end_ms`` has the same form for the whole frame, measured from the frame's acquisition
     time where the sender provides one, else from its arrival (``latency_reference`` says which).
     ``path`` is ``"gpu_resident"`` or ``"legacy"`` (as in the pipeline's KPI records).
@@ -158,12 +141,6 @@ def format_fps(value: Any) -> str:
 
 def _p(stats: Mapping[str, Any] | None, key: str) -> float | None:
     return _finite(stats.get(key)) if stats else None
-
-
-def ordered_stages(stage_latency_ms: Mapping[str, Any]) -> list[str]:
-    """Stage names in pipeline order (`STAGE_ORDER`), unknown ones after, in their given order."""
-    known = [name for name in STAGE_ORDER if name in stage_latency_ms]
-    return known + [name for name in stage_latency_ms if name not in STAGE_ORDER]
 
 
 # -- status light ------------------------------------------------------------------------------------
@@ -383,129 +360,51 @@ def format_corner_annotation(snapshot: KpiSnapshot) -> str:
     return " | ".join(parts)
 
 
-# -- building snapshots from frame records -----------------------------------------------------------
+# -- building snapshots ------------------------------------------------------------------------------
 
 
-class KpiTracker:
-    """A `KpiSink` that turns per-frame KPI records into `KpiSnapshot`s.
+def build_snapshot(
+    kpi: KpiAggregator,
+    *,
+    running: bool,
+    frames_received: int | None = None,
+    frames_dropped: int = 0,
+    status_message: str = "",
+    error: str | None = None,
+    device: str | None = None,
+    device_name: str | None = None,
+    path: str | None = None,
+    **gpu_memory: float | None,
+) -> KpiSnapshot:
+    """What the indicators show now, from a session's aggregator and counters.
 
-    Give it to the pipeline or the live session as ``kpi_sink``. It reads these keys of an
-    ``event == "frame"`` record (JSON line or mapping; all optional): ``frame`` (index),
-    ``device``, ``path``, ``targets``, ``stage_ms`` (stage -> ms), ``latency_ms`` (end to end from
-    acquisition or arrival; else ``wall_ms``, else ``total_ms``), ``latency_reference``,
-    ``host_syncs``, ``gpu_memory_allocated_mb``, ``gpu_memory_reserved_mb``,
-    ``gpu_memory_total_mb``. Other events are ignored. Counters of received/dropped frames come
-    from whoever owns the queue, through `snapshot(...)` arguments.
-
-    ``window`` frames are kept for percentiles and FPS; ``clock`` returns seconds (monotonic).
+    The mask on screen is the last record's frame; its age is the time since that record arrived.
+    ``device`` / ``path`` default to the last record's. ``gpu_memory``: the keys of `gpu_memory_mb`.
     """
-
-    def __init__(self, window: int = 120, clock: Callable[[], float] = time.monotonic) -> None:
-        if window < 2:
-            raise ValueError(f"window must be >= 2 frames, got {window}")
-        self.window = int(window)
-        self.clock = clock
-        self._stages: dict[str, deque[float]] = {}
-        self._e2e: deque[float] = deque(maxlen=self.window)
-        self._done_at: deque[float] = deque(maxlen=self.window)
-        self._syncs: deque[float] = deque(maxlen=self.window)
-        self.frames_processed = 0
-        self.device: str | None = None
-        self.path: str | None = None
-        self.latency_reference: str | None = None
-        self.last_frame_index: int | None = None
-        self.last_frame_done_at: float | None = None
-        self.targets: int | None = None
-        self.gpu_memory: dict[str, float | None] = {}
-
-    def write(self, line: str | Mapping[str, Any]) -> None:
-        """KpiSink interface: one JSON line (or mapping) per record."""
-        record = json.loads(line) if isinstance(line, str) else dict(line)
-        if record.get("event", "frame") != "frame":
-            return
-        self.add_frame(record)
-
-    def add_frame(self, record: Mapping[str, Any]) -> None:
-        now = self.clock()
-        self.frames_processed += 1
-        self._done_at.append(now)
-        self.last_frame_done_at = now
-        if record.get("frame") is not None:
-            self.last_frame_index = int(record["frame"])
-        for key in ("device", "path", "latency_reference"):
-            if record.get(key) is not None:
-                setattr(self, key, str(record[key]))
-        if record.get("targets") is not None:
-            self.targets = int(record["targets"])
-        for name, ms in (record.get("stage_ms") or {}).items():
-            value = _finite(ms)
-            if value is not None:
-                self._stages.setdefault(name, deque(maxlen=self.window)).append(value)
-        for key in ("latency_ms", "wall_ms", "total_ms"):
-            value = _finite(record.get(key))
-            if value is not None:
-                self._e2e.append(value)
-                break
-        syncs = _finite(record.get("host_syncs"))
-        if syncs is not None:
-            self._syncs.append(syncs)
-        for key in ("gpu_memory_allocated_mb", "gpu_memory_reserved_mb", "gpu_memory_total_mb"):
-            if key in record:
-                self.gpu_memory[key] = _finite(record[key])
-
-    def fps(self) -> float | None:
-        """Frames finished per second over the window (None before two frames)."""
-        if len(self._done_at) < 2:
-            return None
-        span = self._done_at[-1] - self._done_at[0]
-        return (len(self._done_at) - 1) / span if span > 0 else None
-
-    @staticmethod
-    def _percentiles(values: deque[float]) -> dict[str, float | None]:
-        if not values:
-            return {"p50": None, "p95": None}
-        arr = np.asarray(values, dtype=np.float64)
-        return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95))}
-
-    def snapshot(
-        self,
-        *,
-        running: bool = True,
-        frames_received: int | None = None,
-        frames_dropped: int = 0,
-        latest_frame_index: int | None = None,
-        device_name: str | None = None,
-        error: str | None = None,
-        status_message: str = "",
-    ) -> KpiSnapshot:
-        """The current snapshot. The mask on screen is the last processed frame's; its age is the
-        time since that frame finished processing."""
-        age = None if self.last_frame_done_at is None else (self.clock() - self.last_frame_done_at) * 1000.0
-        return KpiSnapshot(
-            device=self.device,
-            device_name=device_name,
-            path=self.path,
-            running=running,
-            error=error,
-            fps=self.fps(),
-            stage_latency_ms={name: self._percentiles(v) for name, v in self._stages.items()},
-            end_to_end_ms=self._percentiles(self._e2e) if self._e2e else {},
-            latency_reference=self.latency_reference,
-            frames_received=self.frames_processed if frames_received is None else int(frames_received),
-            frames_processed=self.frames_processed,
-            frames_dropped=int(frames_dropped),
-            host_syncs_per_frame=float(np.mean(self._syncs)) if self._syncs else None,
-            gpu_memory_allocated_mb=self.gpu_memory.get("gpu_memory_allocated_mb"),
-            gpu_memory_reserved_mb=self.gpu_memory.get("gpu_memory_reserved_mb"),
-            gpu_memory_total_mb=self.gpu_memory.get("gpu_memory_total_mb"),
-            mask_frame_index=self.last_frame_index,
-            mask_age_ms=age,
-            latest_frame_index=self.last_frame_index
-            if latest_frame_index is None
-            else int(latest_frame_index),
-            targets=self.targets,
-            status_message=status_message,
-        )
+    last = kpi.last
+    return KpiSnapshot(
+        device=device or (last.device if last else None),
+        device_name=device_name,
+        path=path or (last.path if last else None),
+        running=running,
+        error=error,
+        fps=kpi.fps(),
+        stage_latency_ms=kpi.stage_ms(),
+        end_to_end_ms=kpi.end_to_end_ms() if kpi.frames else {},
+        latency_reference=last.latency_reference if last else None,
+        frames_received=kpi.frames if frames_received is None else int(frames_received),
+        frames_processed=kpi.frames,
+        frames_dropped=int(frames_dropped),
+        host_syncs_per_frame=kpi.host_syncs_per_frame(),
+        gpu_memory_allocated_mb=gpu_memory.get("gpu_memory_allocated_mb"),
+        gpu_memory_reserved_mb=gpu_memory.get("gpu_memory_reserved_mb"),
+        gpu_memory_total_mb=gpu_memory.get("gpu_memory_total_mb"),
+        mask_frame_index=last.frame if last else None,
+        mask_age_ms=kpi.age_ms(),
+        latest_frame_index=(int(frames_received) - 1 if frames_received else (last.frame if last else None)),
+        targets=last.targets if last else None,
+        status_message=status_message,
+    )
 
 
 def gpu_memory_mb(device: Any) -> dict[str, float | None]:

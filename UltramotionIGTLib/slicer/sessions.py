@@ -23,14 +23,13 @@ import logging
 import math
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from UltramotionIGTLib.core.kpi import KpiSink, LatencyStats, format_kpi, safe_log_kpi
+from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, KpiSink, safe_log_kpi
 from UltramotionIGTLib.slicer import mrml
 
 if TYPE_CHECKING:
@@ -55,6 +54,39 @@ class SessionState(str, enum.Enum):
     STOPPED = "stopped"
     FINISHED = "finished"
     ERROR = "error"
+
+
+class Session(Protocol):
+    """What `LiveSession` and `ReplaySession` share, and the controller drives.
+
+    ``start()`` begins; ``step()`` does the pending work (live: the newest frame that arrived;
+    replay: the next item) and returns True when a frame was processed; it never raises (a failure
+    ends the session with ``state`` ERROR and ``status_message`` saying why); ``stop(reason)`` ends it.
+    ``kpi`` aggregates the session's `FrameRecord`s; the counters satisfy ``frames_received ==
+    frames_processed + frames_dropped (+ 1 while a frame is pending)``.
+    """
+
+    state: SessionState
+    status_message: str
+    frames_processed: int
+    frames_dropped: int
+    kpi: KpiAggregator
+    last_result: HostResult | None
+
+    @property
+    def frames_received(self) -> int: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def step(self) -> bool: ...
+
+    def stop(self, reason: str = "stopped by user") -> None: ...
 
 
 class DropPolicy(str, enum.Enum):
@@ -141,7 +173,8 @@ class LiveSession:
     ``frames_skipped`` is the policy's share of the drops. Always ``frames_received ==
     frames_processed + frames_dropped + (1 if a frame is pending else 0)``.
 
-    Latency (``latency`` `LatencyStats`, stage ``end_to_end``) runs from the frame's acquisition
+    KPIs: one `FrameRecord` per processed frame goes to ``kpi`` (a `KpiAggregator` over the last 300
+    frames: FPS, percentiles) and to ``kpi_sink``. Its latency runs from the frame's acquisition
     time (OpenIGTLink metadata, see `mrml.TIMESTAMP_ATTRIBUTES`) when the sender provides one, else
     from its arrival, to the end of the segmentation update. A sender clock that is not Unix time
     (PLUS) is aligned by the smallest arrival-minus-acquisition difference seen so far.
@@ -185,8 +218,7 @@ class LiveSession:
         self.frames_processed = 0
         self.frames_dropped = 0
         self.frames_skipped = 0
-        self.latency = LatencyStats(window=300)
-        self.latency_reference: str | None = None
+        self.kpi = KpiAggregator(window=300)
         self.last_result: HostResult | None = None
         self.last_frame_index: int | None = None
         self.last_update_time: float | None = None  # Unix seconds of the last segmentation update
@@ -197,13 +229,16 @@ class LiveSession:
         self._buffer: np.ndarray | None = None
         self._observers = _ObserverSet()
         self._clock_offset: float | None = None
-        self._done_at: deque[float] = deque(maxlen=60)
-        self._targets: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return self.state == SessionState.RUNNING
+
+    @property
+    def done(self) -> bool:
+        """True once the session stopped, failed or finished (it cannot be restarted)."""
+        return self.state not in (SessionState.IDLE, SessionState.RUNNING)
 
     @property
     def has_pending(self) -> bool:
@@ -264,13 +299,10 @@ class LiveSession:
             self.frames_dropped += 1
         self._set_state(state, reason)
         if self.kpi_sink is not None:
-            record = {
-                "event": "live_stop",
-                "reason": reason,
-                **self.counters(),
-                "latency_ms": self.latency.summary(),
-            }
-            safe_log_kpi(format_kpi(record), self.kpi_sink)
+            safe_log_kpi(
+                {"event": "live_stop", "reason": reason, **self.counters(), **self.kpi.summary()},
+                self.kpi_sink,
+            )
 
     def _set_state(self, state: SessionState, message: str) -> None:
         self.state = state
@@ -331,6 +363,10 @@ class LiveSession:
         self._finish(SessionState.STOPPED, "stopped: the scene is being closed")
 
     # -- per frame ------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """`Session` protocol: process the newest pending frame (see `process_pending`)."""
+        return self.process_pending()
+
     def process_pending(self) -> bool:
         """Process the newest pending frame, if any. Returns True when a frame was processed.
 
@@ -395,37 +431,23 @@ class LiveSession:
         self.last_result = result
         self.last_frame_index = pending.index
         self.last_update_time = t_done
-        self._targets = len(result)
-        self._done_at.append(t_done)
-        reference_time, self.latency_reference = self._latency_reference(pending)
-        stage_ms = {str(k): float(v) for k, v in (result.stage_ms or {}).items()}
-        stage_ms["mrml"] = (t_done - t_processed) * 1000.0
-        latency_ms = (t_done - reference_time) * 1000.0
-        self.latency.add(
-            {
-                **stage_ms,
-                "process": (t_processed - t_start) * 1000.0,
-                "queue": (t_start - pending.arrival) * 1000.0,
-                "end_to_end": latency_ms,
-            }
+        reference_time, reference = self._latency_reference(pending)
+        record = FrameRecord.from_result(
+            result,
+            frame=pending.index,
+            timestamp=pending.acquisition,
+            wall_ms=(t_done - t_start) * 1000.0,
+            latency_ms=(t_done - reference_time) * 1000.0,
+            latency_reference=reference,
+            queue_ms=(t_start - pending.arrival) * 1000.0,
+            frames_received=self.frames_received,
+            frames_processed=self.frames_processed,
+            frames_dropped=self.frames_dropped,
         )
+        record.stage_ms["mrml"] = (t_done - t_processed) * 1000.0
+        self.kpi.add(record)
         if self.kpi_sink is not None:
-            safe_log_kpi(
-                format_kpi(
-                    {
-                        "event": "frame",
-                        "frame": pending.index,
-                        "targets": len(result),
-                        "stage_ms": stage_ms,
-                        "latency_ms": latency_ms,
-                        "latency_reference": self.latency_reference,
-                        "wall_ms": (t_done - t_start) * 1000.0,
-                        "queue_ms": (t_start - pending.arrival) * 1000.0,
-                        **self.counters(),
-                    }
-                ),
-                self.kpi_sink,
-            )
+            safe_log_kpi(record, self.kpi_sink)
         return True
 
     def _latency_reference(self, pending: _Pending) -> tuple[float, str]:
@@ -448,35 +470,8 @@ class LiveSession:
         }
 
     def fps(self) -> float | None:
-        """Processed frames per second over the last (up to) 60 frames."""
-        if len(self._done_at) < 2:
-            return None
-        span = self._done_at[-1] - self._done_at[0]
-        return (len(self._done_at) - 1) / span if span > 0 else None
-
-    def kpi_snapshot(self) -> dict[str, Any]:
-        """Plain values for the indicators (keys of `UltramotionIGTLib.slicer.indicators.KpiSnapshot`)."""
-        summary = self.latency.summary()
-        end_to_end = summary.pop("end_to_end", {})
-        for name in ("process", "queue"):
-            summary.pop(name, None)
-        age = None if self.last_update_time is None else (mrml.now() - self.last_update_time) * 1000.0
-        return {
-            "running": self.running,
-            "error": self.status_message if self.state == SessionState.ERROR else None,
-            "fps": self.fps(),
-            "stage_latency_ms": summary,
-            "end_to_end_ms": end_to_end,
-            "latency_reference": self.latency_reference,
-            "frames_received": self.frames_received,
-            "frames_processed": self.frames_processed,
-            "frames_dropped": self.frames_dropped,
-            "mask_frame_index": self.last_frame_index,
-            "mask_age_ms": age,
-            "latest_frame_index": self.frames_received - 1 if self.frames_received else None,
-            "targets": self._targets,
-            "status_message": self.status_message,
-        }
+        """Processed frames per second over the KPI window."""
+        return self.kpi.fps()
 
 
 # -- replay -------------------------------------------------------------------------------------------
@@ -543,7 +538,9 @@ class ReplaySession:
         self.status_callback = status_callback
         self.frames_total = count
         self.frames_processed = 0
-        self.latency = LatencyStats()
+        self.frames_dropped = 0  # replay never drops; here for the `Session` protocol
+        self.kpi = KpiAggregator(window=300)
+        self.last_result: HostResult | None = None
         self.state = SessionState.IDLE
         self.status_message = "idle"
 
@@ -577,6 +574,21 @@ class ReplaySession:
         return self.frames_processed / self.frames_total
 
     @property
+    def frames_received(self) -> int:
+        """Items taken from the sequence so far (= processed: a replay drops nothing)."""
+        return self.frames_processed
+
+    @property
+    def running(self) -> bool:
+        return self.state == SessionState.RUNNING
+
+    def start(self) -> None:
+        """`Session` protocol: mark the replay running; `step` processes the items one by one."""
+        if self.state == SessionState.IDLE:
+            self.state = SessionState.RUNNING
+            self.status_message = f"replaying {self.frames_total} frames"
+
+    @property
     def done(self) -> bool:
         return self.state in (SessionState.FINISHED, SessionState.STOPPED, SessionState.ERROR)
 
@@ -585,9 +597,7 @@ class ReplaySession:
         stopped or failed (never raises; see ``state`` and ``status_message``)."""
         if self.done:
             return False
-        if self.state == SessionState.IDLE:
-            self.state = SessionState.RUNNING
-            self.status_message = f"replaying {self.frames_total} frames"
+        self.start()
         index = self.frames_processed
         try:
             if self.sequence_node.GetScene() is None and self.scene is not None:
@@ -618,23 +628,14 @@ class ReplaySession:
             self._finish(SessionState.ERROR, f"stopped: frame {index} failed: {type(exc).__name__}: {exc}")
             return False
         self.frames_processed += 1
-        stage_ms = {str(k): float(v) for k, v in (result.stage_ms or {}).items()}
-        stage_ms["mrml"] = (t2 - t1) * 1000.0
-        self.latency.add({**stage_ms, "end_to_end": (t2 - t0) * 1000.0})
+        self.last_result = result
+        record = FrameRecord.from_result(
+            result, frame=index, index_value=str(value), wall_ms=(t2 - t0) * 1000.0
+        )
+        record.stage_ms["mrml"] = (t2 - t1) * 1000.0
+        self.kpi.add(record)
         if self.kpi_sink is not None:
-            safe_log_kpi(
-                format_kpi(
-                    {
-                        "event": "frame",
-                        "frame": index,
-                        "index_value": value,
-                        "targets": len(result),
-                        "stage_ms": stage_ms,
-                        "wall_ms": (t2 - t0) * 1000.0,
-                    }
-                ),
-                self.kpi_sink,
-            )
+            safe_log_kpi(record, self.kpi_sink)
         if self.progress_callback is not None:
             try:
                 self.progress_callback(self.frames_processed, self.frames_total)
@@ -664,16 +665,14 @@ class ReplaySession:
         (LOG.error if state == SessionState.ERROR else LOG.info)("replay: %s", message)
         if self.kpi_sink is not None:
             safe_log_kpi(
-                format_kpi(
-                    {
-                        "event": "replay_done",
-                        "state": state.value,
-                        "message": message,
-                        "frames": self.frames_processed,
-                        "total": self.frames_total,
-                        "latency_ms": self.latency.summary(),
-                    }
-                ),
+                {
+                    "event": "replay_done",
+                    "state": state.value,
+                    "message": message,
+                    "frames": self.frames_processed,
+                    "total": self.frames_total,
+                    **self.kpi.summary(),
+                },
                 self.kpi_sink,
             )
         if self.status_callback is not None:

@@ -84,9 +84,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     from UltramotionIGTLib.core.device import resolve_device
-    from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+    from UltramotionIGTLib.core.pipeline import PipelineConfig
     from UltramotionIGTLib.errors import InputFileError
     from UltramotionIGTLib.models.packs import default_pack, load_pack
+    from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
     from UltramotionIGTLib.tools.run import _summary_line, process_sequence
 
     if args.frames < 1:
@@ -94,8 +95,7 @@ def main(argv: Sequence[str]) -> int:
     device = resolve_device(args.device)
     pack = Path(args.pack) if args.pack else default_pack()
     detector, segmenter, _manifest = load_pack(pack, device=device)
-    config = PipelineConfig(device=str(device), gpu_resident=not args.legacy, sam_as_numpy=args.legacy)
-    pipeline = Pipeline(detector, segmenter, config)
+    pipeline = build_pipeline(detector, segmenter, PipelineConfig(device=str(device)), legacy=args.legacy)
     sequence, truth = demo_sequence(args.frames, args.seed)
     out = Path(args.out)
     summary = process_sequence(

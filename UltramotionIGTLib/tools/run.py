@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -46,8 +47,6 @@ def pipeline_config_from_args(args: argparse.Namespace):
             device=args.device,
             score_threshold=args.score_threshold,
             max_targets_per_class=args.max_targets,
-            gpu_resident=not args.legacy,
-            sam_as_numpy=args.legacy,
             track=not args.no_track,
         )
     except ValueError as exc:
@@ -76,7 +75,13 @@ def process_sequence(
     """
     from tqdm import tqdm
 
-    from UltramotionIGTLib.core.kpi import JsonlKpiSink, format_kpi, safe_log_kpi
+    from UltramotionIGTLib.core.kpi import (
+        FanoutKpiSink,
+        FrameRecord,
+        JsonlKpiSink,
+        KpiAggregator,
+        safe_log_kpi,
+    )
     from UltramotionIGTLib.core.packet import SegmentTable
     from UltramotionIGTLib.io import write_segmentation_sequence
     from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
@@ -84,29 +89,36 @@ def process_sequence(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sink = JsonlKpiSink(out / "kpi.jsonl")
-    pipeline.kpi_sink = sink
+    jsonl = JsonlKpiSink(out / "kpi.jsonl")
+    kpi = KpiAggregator(window=None)
+    sink = FanoutKpiSink(jsonl, kpi)
     pipeline.reset()
     table = SegmentTable()
     labelmaps, results = [], []
     n = len(frames)
+    stamps = list(timestamps) if timestamps is not None else [None] * n
     t_start = time.perf_counter()
     try:
-        safe_log_kpi(
-            format_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}), sink
-        )
+        safe_log_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}, sink)
         bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
         with (
             RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
             if sync_audit
             else nullcontext() as audit
         ):
-            for result in pipeline.run(frames, timestamps, audit=audit):
+            for index in range(n):
+                t0 = time.perf_counter()
+                with audit.frame(index) if audit is not None else nullcontext():
+                    result = pipeline.process_frame(
+                        frames[index], index, _finite_or_none(stamps[index])
+                    ).to_host()
+                wall_ms = (time.perf_counter() - t0) * 1000.0
+                syncs = audit.last_frame.kpi() if audit is not None else {}
+                safe_log_kpi(FrameRecord.from_result(result, wall_ms=wall_ms, **syncs), sink)
                 labelmaps.append(table.labelmap(result))
                 results.append(result)
                 bar.update(1)
         bar.close()
-        audit_result = audit.result if audit is not None else None
         wall_s = time.perf_counter() - t_start
         import numpy as np
 
@@ -123,25 +135,45 @@ def process_sequence(
         summary = {
             "source": source,
             "device": str(pipeline.device),
-            "path": "legacy" if pipeline.config.legacy else "gpu_resident",
+            "path": pipeline.path,
             "frames_in": n,
             "frames_out": len(results),
             "dropped": n - len(results),
             "wall_s": wall_s,
             "fps": len(results) / wall_s if wall_s > 0 else None,
-            "latency_ms": pipeline.latency.summary(),
-            "host_syncs_per_frame": audit_result.syncs_per_frame if audit_result else None,
-            "declared_hops_per_frame": audit_result.declared_per_frame if audit_result else None,
+            "latency_ms": {**kpi.stage_ms(), "end_to_end": kpi.end_to_end_ms()},
+            "host_syncs_per_frame": kpi.host_syncs_per_frame(),
+            "declared_hops_per_frame": kpi.declared_hops_per_frame(),
             "segments": [{"value": v, "name": name, "color": list(c)} for v, name, c in table.segments()],
             "outputs": sorted(p.name for p in out.iterdir()) + ["summary.json"],
         }
-        safe_log_kpi(format_kpi({"event": "summary", **summary}), sink)
+        safe_log_kpi({"event": "summary", **summary}, sink)
     finally:
-        sink.close()
+        jsonl.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if keep_results:
         summary["results"] = results
     return summary
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A frame's timestamp, or None where the recording has none (NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def load_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline for run's options: the resident path, or with ``--legacy`` the in-house habits."""
+    from UltramotionIGTLib.core.device import resolve_device
+    from UltramotionIGTLib.core.pipeline import Pipeline
+    from UltramotionIGTLib.tools.benchmarks.legacy import LegacyPipeline
+
+    config = pipeline_config_from_args(args)
+    resolve_device(config.device)  # fail fast, before reading anything large
+    cls = LegacyPipeline if args.legacy else Pipeline
+    return cls.from_paths(args.detector, args.sam, args.sam_type, config)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -164,17 +196,15 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     from UltramotionIGTLib.core.device import resolve_device
-    from UltramotionIGTLib.core.pipeline import Pipeline
     from UltramotionIGTLib.io import read_sequence
 
-    config = pipeline_config_from_args(args)
-    resolve_device(config.device)  # fail fast, before reading anything large
+    resolve_device(pipeline_config_from_args(args).device)  # fail fast, before reading anything large
     sequence = read_sequence(args.input)
     if args.max_frames is not None:
         if args.max_frames < 1:
             raise InputFileError(f"--max-frames must be >= 1, got {args.max_frames}")
         sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
-    pipeline = Pipeline.from_paths(args.detector, args.sam, args.sam_type, config)
+    pipeline = load_pipeline(args)
     summary = process_sequence(
         pipeline,
         sequence.frames,

@@ -33,8 +33,8 @@ class UltramotionIGTWidgetTest(unittest.TestCase):
         self.assertEqual(node.everyNth, 5)
         ui.modeComboBox.currentIndex = list(self.module.Mode).index(self.module.Mode.REPLAY)
         self.assertEqual(node.mode, self.module.Mode.REPLAY)
-        ui.legacyPathCheckBox.checked = True
-        self.assertTrue(node.legacyPath)
+        ui.showTargetPointsCheckBox.checked = True
+        self.assertTrue(node.showTargetPoints)
         # enum combo boxes list every choice, with labels
         self.assertEqual(ui.samTypeComboBox.count, len(self.module.SamType))
         self.assertEqual(ui.dropPolicyComboBox.count, len(self.module.DropPolicy))

@@ -234,6 +234,7 @@ def run_runtime_audit(pipeline: Any, frames: Sequence[Any], warmup: int = 1) -> 
 def _runtime_main(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.pipeline import Pipeline
     from UltramotionIGTLib.tools.audit.report import runtime_compare_markdown
+    from UltramotionIGTLib.tools.benchmarks.legacy import LegacyPipeline
     from UltramotionIGTLib.tools.run import pipeline_config_from_args
 
     frames = _load_frames(args)
@@ -244,7 +245,8 @@ def _runtime_main(args: argparse.Namespace) -> int:
         for mode in modes:
             args.legacy = mode == "legacy"
             config = pipeline_config_from_args(args)
-            pipeline = Pipeline.from_paths(detector, sam, sam_type=sam_type, config=config)
+            cls = LegacyPipeline if mode == "legacy" else Pipeline
+            pipeline = cls.from_paths(detector, sam, sam_type=sam_type, config=config)
             results[mode] = run_runtime_audit(pipeline, frames, warmup=max(args.warmup, 0))
     input_name = args.input or f"synthetic phantom (seed {args.seed})"
     if args.format == "json":

@@ -35,9 +35,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     from UltramotionIGTLib.core.device import resolve_device
-    from UltramotionIGTLib.core.kpi import LatencyStats
-    from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+    from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator
+    from UltramotionIGTLib.core.pipeline import PipelineConfig
     from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+    from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
 
     device = resolve_device(args.device)
     sync = device_sync(device)
@@ -47,16 +48,10 @@ def main(argv: Sequence[str]) -> int:
 
         detector, segmenter, models = load_models(args, device, Path(tmp))
     pipelines = {
-        path: Pipeline(
-            detector,
-            segmenter,
-            PipelineConfig(
-                device=str(device), gpu_resident=path == "gpu_resident", sam_as_numpy=path == "legacy"
-            ),
-        )
+        path: build_pipeline(detector, segmenter, PipelineConfig(device=str(device)), legacy=path == "legacy")
         for path in PATHS
     }
-    stats = {path: LatencyStats() for path in PATHS}
+    stats = {path: KpiAggregator(window=None) for path in PATHS}
     wall = {path: [] for path in PATHS}
     for i, frame in enumerate(frames):
         for path in PATHS:
@@ -67,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
             )
             if i >= args.warmup:
                 wall[path].append(ms)
-                stats[path].add({**holder["r"].stage_ms, "end_to_end": ms})
+                stats[path].add(FrameRecord.from_result(holder["r"], wall_ms=ms))
     syncs = {}
     for path in PATHS:
         pipelines[path].reset()
@@ -85,7 +80,7 @@ def main(argv: Sequence[str]) -> int:
         "paths": {
             path: {
                 "fps": 1000.0 / float(np.mean(wall[path])),
-                "latency_ms": stats[path].summary(),
+                "latency_ms": {**stats[path].stage_ms(), "end_to_end": stats[path].end_to_end_ms()},
                 "host_syncs_per_frame": syncs[path],
             }
             for path in PATHS

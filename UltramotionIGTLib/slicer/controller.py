@@ -1,0 +1,252 @@
+"""The Qt-free controller behind the Slicer module: models, sessions and indicators in one object.
+
+The module's logic maps its parameter node to `SessionController` calls and copies what comes back
+into the parameter node and widgets; everything that decides anything is here, so pytest drives the
+same code on slicer-core that runs in Slicer::
+
+    controller = SessionController()
+    controller.start(volume_node, None, ModelSource.demo(), PipelineConfig(device="cpu"), mode="live")
+    while controller.running:          # the module: a QTimer tick
+        controller.step()               # the newest frame (live) or the next item (replay)
+        snapshot = controller.snapshot()
+    controller.stop("stopped by the user")
+
+The pipeline is loaded once per (models, device) and reused: thresholds and tracking settings of a
+new `start` apply to the cached pipeline. `start` picks the session: `LiveSession` on the input
+volume, or `ReplaySession` over the sequence whose browser plays the input (mode ``"replay"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from typing import Any
+
+from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+from UltramotionIGTLib.models.source import ModelSource
+from UltramotionIGTLib.slicer import mrml
+from UltramotionIGTLib.slicer.indicators import (
+    KpiSnapshot,
+    build_snapshot,
+    format_corner_annotation,
+    format_kpi_panel,
+    gpu_memory_mb,
+    status_light,
+)
+from UltramotionIGTLib.slicer.sessions import LiveSession, ReplaySession, Session, SessionState
+
+LOG = logging.getLogger(__name__)
+
+#: Name of the markups node that receives the targets' weighted centroids (created when asked for).
+TARGET_POINTS_NODE_NAME = "UltramotionIGT targets"
+
+
+class Mode(str, enum.Enum):
+    """``live``: the newest frame of a changing volume; ``replay``: every item of a sequence."""
+
+    LIVE = "live"
+    REPLAY = "replay"
+
+
+class SessionController:
+    """Start, step, stop and observe one processing session (see the module docstring).
+
+    ``kpi_sink``: an optional extra `KpiSink` for every record (e.g. a JSON-lines file); the
+    indicators read the session's own aggregator.
+    """
+
+    def __init__(self, kpi_sink: Any | None = None) -> None:
+        self.kpi_sink = kpi_sink
+        self.pipeline: Pipeline | None = None
+        self.session: Session | None = None
+        self.output_node: Any = None
+        self._pipeline_key: tuple[str, ...] | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.session is not None and self.session.running
+
+    @property
+    def state(self) -> SessionState:
+        """The session's state (``idle`` before any start)."""
+        return self.session.state if self.session is not None else SessionState.IDLE
+
+    @property
+    def status_message(self) -> str:
+        return self.session.status_message if self.session is not None else ""
+
+    @property
+    def last_result(self) -> Any:
+        """The `HostResult` of the last processed frame (None before one)."""
+        return self.session.last_result if self.session is not None else None
+
+    # -- models -----------------------------------------------------------------------------------
+    def load_pipeline(self, models: ModelSource, config: PipelineConfig) -> Pipeline:
+        """The pipeline for ``models`` on ``config.device``: loaded on first use, then reused with
+        ``config`` applied (a new sequence starts: tracks are forgotten). Raises `CheckpointError`
+        naming the file at fault, `DeviceUnavailableError` for an unusable device."""
+        key = (str(models.detector), str(models.sam), models.sam_type, config.device)
+        if self.pipeline is None or self._pipeline_key != key:
+            self.pipeline = None  # free the old models before loading new ones
+            self.pipeline = Pipeline.from_paths(models.detector, models.sam, models.sam_type, config)
+            self._pipeline_key = key
+        else:
+            self.pipeline.config = dataclasses.replace(config)
+            self.pipeline.reset()
+        return self.pipeline
+
+    def _process_frame(self, frame: Any, frame_index: int, timestamp: float | None) -> Any:
+        """The sessions' ``process_frame``: one frame through the pipeline and its one host copy."""
+        return self.pipeline.process_frame(frame, frame_index=frame_index, timestamp=timestamp).to_host()
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def start(
+        self,
+        input_node: Any,
+        output_node: Any,
+        models: ModelSource,
+        config: PipelineConfig,
+        mode: Mode | str = Mode.LIVE,
+        *,
+        drop_policy: str = "newest",
+        every_nth: int = 1,
+        target_points: bool = False,
+        status_callback: Any = None,
+    ) -> Session:
+        """Stop any running session, load (or reuse) the pipeline and start a session.
+
+        ``input_node``: a scalar/vector volume node with one slice (live), or the proxy volume of a
+        sequence browser (replay). ``output_node``: a vtkMRMLSegmentationNode, or None to create one
+        (``<input name> segmentation``, then in ``output_node`` here). ``target_points``: also write
+        the targets' centroids into the markups node `TARGET_POINTS_NODE_NAME` (live). Raises
+        ValueError with what to do for a missing input or a replay input that no browser plays.
+        """
+        self.stop(None)
+        mode = Mode(mode)
+        if input_node is None or not input_node.IsA("vtkMRMLVolumeNode"):
+            raise ValueError("Select an input volume first.")
+        scene = input_node.GetScene()
+        if scene is None:
+            raise ValueError(f"the input volume {mrml._node_label(input_node)} is not in a scene")
+        browser = None
+        if mode is Mode.REPLAY:
+            browser = sequence_browser_for_proxy(input_node)
+            if browser is None:
+                raise ValueError(
+                    f"Replay needs a sequence: {input_node.GetName()!r} is not played by a sequence browser. Load "
+                    "a recording (e.g. a PLUS .igs.mha) as a sequence, or choose live mode."
+                )
+        pipeline = self.load_pipeline(models, config)
+        if output_node is None:
+            output_node = scene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{input_node.GetName()} segmentation"
+            )
+            output_node.CreateDefaultDisplayNodes()
+        self.output_node = output_node
+        if browser is not None:
+            session: Session = ReplaySession(
+                browser,
+                output_node,
+                self._process_frame,
+                kpi_sink=self.kpi_sink,
+                status_callback=status_callback,
+            )
+        else:
+            markups = None
+            if target_points:
+                markups = scene.GetFirstNodeByName(TARGET_POINTS_NODE_NAME) or scene.AddNewNodeByClass(
+                    "vtkMRMLMarkupsFiducialNode", TARGET_POINTS_NODE_NAME
+                )
+            session = LiveSession(
+                input_node,
+                output_node,
+                self._process_frame,
+                drop_policy=drop_policy,
+                every_nth=every_nth if drop_policy == "every_nth" else 1,
+                status_callback=status_callback,
+                kpi_sink=self.kpi_sink,
+                markups_node=markups,
+            )
+        self.session = session
+        LOG.info("starting %s session on %s (%s)", mode.value, mrml._node_label(input_node), pipeline.device)
+        session.start()
+        return session
+
+    def step(self) -> bool:
+        """Do the pending work of the session; True when a frame was processed. Never raises for a
+        frame's failure: the session ends with ``state`` ERROR and its status message."""
+        return self.session.step() if self.session is not None else False
+
+    def stop(self, reason: str | None = "stopped by the user") -> None:
+        """Stop the session (if one runs). Idempotent."""
+        if self.session is not None and not self.session.done:
+            self.session.stop(reason or "stopped")
+
+    def process_once(
+        self, input_node: Any, output_node: Any, models: ModelSource, config: PipelineConfig
+    ) -> Any:
+        """Process the input's current frame once into the output; returns the `HostResult`.
+
+        Raises RuntimeError with the session's status when the frame could not be processed.
+        """
+        session = self.start(input_node, output_node, models, config, Mode.LIVE)
+        processed = session.step()
+        message = session.status_message
+        if not processed:
+            self.stop(None)
+            raise RuntimeError(f"The frame was not processed: {message or 'no frame in the input'}")
+        result = session.last_result
+        session.stop(f"processed one frame: {len(result)} target(s)")
+        return result
+
+    # -- indicators -------------------------------------------------------------------------------
+    def snapshot(self) -> KpiSnapshot | None:
+        """What the indicators show now (None before any start)."""
+        session = self.session
+        if session is None:
+            return None
+        device = self.pipeline.device if self.pipeline is not None else None
+        device_name = None
+        if device is not None and device.type == "cuda":
+            import torch
+
+            device_name = torch.cuda.get_device_name(device)
+        return build_snapshot(
+            session.kpi,
+            running=session.running,
+            frames_received=session.frames_received,
+            frames_dropped=session.frames_dropped,
+            status_message=session.status_message,
+            error=session.status_message if session.state == SessionState.ERROR else None,
+            device=str(device) if device is not None else None,
+            device_name=device_name,
+            path=self.pipeline.path if self.pipeline is not None else None,
+            **gpu_memory_mb(device),
+        )
+
+    def indicator_texts(self) -> dict[str, str] | None:
+        """The KPI panel, the status light (style sheet, tooltip) and the one-line summary (None
+        before any start)."""
+        snap = self.snapshot()
+        if snap is None:
+            return None
+        light = status_light(snap)
+        return {
+            "panel": format_kpi_panel(snap),
+            "lightStyleSheet": light.style_sheet(),
+            "lightTooltip": light.tooltip,
+            "corner": format_corner_annotation(snap),
+        }
+
+
+def sequence_browser_for_proxy(volume_node: Any) -> Any:
+    """The sequence browser whose proxy node is ``volume_node`` (a replay input), or None."""
+    scene = volume_node.GetScene()
+    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+    for i in range(browsers.GetNumberOfItems()):
+        browser = browsers.GetItemAsObject(i)
+        if browser.GetSequenceNode(volume_node) is not None:
+            return browser
+    return None
