@@ -1032,7 +1032,8 @@ def _add_root(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """``ultramotion-igt models``: the group's own option, ``--root`` (also accepted after the command)."""
+    """``ultramotion-igt models``: the group's own option, ``--root`` (also accepted after list, verify
+    and import, the commands that use it)."""
     parser.description = (
         "Model packs: a folder or .zip holding manifest.json beside the model files (models, classes, "
         "input size, sha256 of every file). Install real checkpoints offline by copying one file. "
@@ -1041,10 +1042,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _add_root(parser, None)
 
 
-def _configure_leaf(parser: argparse.ArgumentParser, description: str) -> None:
+def _configure_leaf(parser: argparse.ArgumentParser, description: str, root: bool = True) -> None:
     parser.description = description
-    # SUPPRESS: an absent --root after the command must not reset one given before it
-    _add_root(parser, argparse.SUPPRESS)
+    if root:  # SUPPRESS: an absent --root after the command must not reset one given before it
+        _add_root(parser, argparse.SUPPRESS)
 
 
 def configure_list(parser: argparse.ArgumentParser) -> None:
@@ -1080,6 +1081,7 @@ def configure_manifest(parser: argparse.ArgumentParser) -> None:
     _configure_leaf(
         parser,
         "Write DIR/manifest.json for the models already in DIR (hashes every file), then verify it.",
+        root=False,
     )
     parser.add_argument("dir", metavar="DIR", help="pack folder holding the model files")
     parser.add_argument("--name", required=True, help="pack name (what --pack NAME finds once installed)")
@@ -1109,6 +1111,7 @@ def configure_make(parser: argparse.ArgumentParser) -> None:
         parser,
         "Build a pack (folder or .zip) from a D-FINE folder and/or a SAM checkpoint: copies the files, "
         "writes manifest.json, verifies the result.",
+        root=False,
     )
     parser.add_argument(
         "--detector", default=None, metavar="DIR", help="D-FINE folder (config.json + model.safetensors)"

@@ -464,7 +464,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.description = (
         "Pre-flight check of Python, torch, the device (CUDA, GPU memory, kernels for the GPU) and the "
-        "model files, then both models loaded and a timed warm-up frame. Models: the shipped demo pack "
+        "model files, then both models loaded and timed on warm-up frames. Models: the shipped demo pack "
         "unless named. Exit 0 when ready (warnings allowed), 1 when a check failed."
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the timed warm-up frames")
