@@ -222,7 +222,7 @@ def test_cli_runtime_compare_on_the_real_pipeline(tmp_path, capsys):
     """The real pipeline (small random-weight models in the real formats) on the synthetic phantom."""
     from UltramotionIGTLib.core.detector import write_random_detector
     from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
-    from UltramotionIGTLib.tools.audit.cli import main as audit_main
+    from UltramotionIGTLib.tools import cli
 
     detector = write_random_detector(tmp_path / "detector", seed=0)
     sam = write_random_sam_checkpoint(tmp_path / "sam.safetensors", model_type="vit_t_demo", seed=0)
@@ -247,7 +247,7 @@ def test_cli_runtime_compare_on_the_real_pipeline(tmp_path, capsys):
         "-o",
         str(out),
     ]
-    assert audit_main(argv + ["--fail-on", "undeclared"]) == 0, capsys.readouterr().err
+    assert cli.main(["audit", *argv, "--fail-on", "undeclared"]) == 0, capsys.readouterr().err
     data = json.loads(out.read_text())
     assert data["kind"] == "runtime" and set(data["runs"]) == {"legacy", "gpu_resident"}
     resident, legacy = data["runs"]["gpu_resident"], data["runs"]["legacy"]

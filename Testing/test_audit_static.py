@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from UltramotionIGTLib.errors import InputFileError
-from UltramotionIGTLib.tools.audit.cli import main as audit_main
+from UltramotionIGTLib.tools import cli
 from UltramotionIGTLib.tools.audit.report import static_json, static_markdown
 from UltramotionIGTLib.tools.audit.static import CATEGORIES, scan_paths
 
@@ -254,7 +253,7 @@ def test_json_report_one_object_per_finding(result):
 
 def test_cli_gate_fails_on_critical(capsys, tmp_path):
     argv = [str(FIXTURES), "--root", str(FIXTURES), "--entry", ENTRY, "--fail-on", "critical"]
-    assert audit_main(argv) == 1
+    assert cli.main(["audit", *argv]) == 1
     err = capsys.readouterr().err
     assert "4 finding(s)" in err
     for rel, func, _ in EXPECTED_CRITICAL:
@@ -273,13 +272,16 @@ def test_cli_gate_fails_on_critical(capsys, tmp_path):
         "-o",
         str(out),
     ]
-    with pytest.raises(InputFileError, match="per-frame entry point not found"):
-        audit_main(argv)
+    assert cli.main(["audit", *argv]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after "audit: report written to ..."
+    assert error.startswith("ultramotion-igt audit: error:") and "per-frame entry point not found" in error
     data = json.loads(out.read_text())  # the report is still written, for the reader
     assert data["by_severity"]["minor"] == 2 and data["files_scanned"] == 1
     assert data["hot_path_functions"] == []
 
 
-def test_cli_missing_path_is_a_user_error():
-    with pytest.raises(InputFileError, match="does_not_exist"):
-        audit_main(["does_not_exist/"])
+def test_cli_missing_path_is_a_user_error(capsys):
+    assert cli.main(["audit", "does_not_exist/"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ultramotion-igt audit: error:") and "does_not_exist" in err
+    assert len(err.strip().splitlines()) == 1, err

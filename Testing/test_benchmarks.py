@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 
-from UltramotionIGTLib.tools.bench import main as bench_main
+from UltramotionIGTLib.tools import cli
 
 
 def test_bench_pipeline_reports_both_paths_and_their_syncs(capsys):
     assert (
-        bench_main(
-            ["pipeline", "--random-models", "--device", "cpu", "--frames", "2", "--warmup", "0", "--json"]
+        cli.main(
+            [
+                "bench",
+                "pipeline",
+                "--random-models",
+                "--device",
+                "cpu",
+                "--frames",
+                "2",
+                "--warmup",
+                "0",
+                "--json",
+            ]
         )
         == 0
     )
@@ -25,8 +36,20 @@ def test_bench_pipeline_reports_both_paths_and_their_syncs(capsys):
 
 def test_bench_sam_compares_official_loop_and_batched(capsys):
     assert (
-        bench_main(
-            ["sam", "--random-models", "--device", "cpu", "--frames", "1", "--warmup", "0", "--boxes", "3"]
+        cli.main(
+            [
+                "bench",
+                "sam",
+                "--random-models",
+                "--device",
+                "cpu",
+                "--frames",
+                "1",
+                "--warmup",
+                "0",
+                "--boxes",
+                "3",
+            ]
         )
         == 0
     )
@@ -37,5 +60,6 @@ def test_bench_sam_compares_official_loop_and_batched(capsys):
 
 
 def test_bench_unknown_benchmark_is_usage_error(capsys):
-    assert bench_main(["nope"]) == 2
-    assert "usage" in capsys.readouterr().out
+    assert cli.main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ultramotion-igt bench") and "invalid choice: 'nope'" in err

@@ -117,12 +117,11 @@ def test_cuda_device_details():
 
 def test_main_exit_code_and_json(tmp_path, capsys):
     argv = ["--device", "cpu", "--detector", str(tmp_path / "d"), "--sam", str(tmp_path / "s.pth")]
-    assert doctor.main(argv + ["--json"]) == 1
+    assert cli.main(["doctor", *argv, "--json"]) == 1
     payload = json.loads(capsys.readouterr().out)
     assert payload["ready"] is False
     statuses = {c["name"]: c["status"] for c in payload["checks"]}
     assert statuses["detector files"] == "fail" and statuses["torch"] == "ok"
-    # the CLI dispatcher routes `doctor` to the same main
     assert cli.main(["doctor", *argv, "--no-warmup"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] detector files" in out

@@ -483,9 +483,9 @@ def test_live_session_with_the_real_pipeline(tmp_path, stream):
     """The lead's pipeline (random-weight D-FINE + SAM in their real checkpoint formats) as process_frame."""
     pytest.importorskip("torch")
     from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
-    from UltramotionIGTLib.tools.run import make_test_models_main
+    from UltramotionIGTLib.tools import cli
 
-    assert make_test_models_main(["--out", str(tmp_path)]) == 0
+    assert cli.main(["make-test-models", "--out", str(tmp_path)]) == 0
     pipeline = Pipeline.from_paths(
         tmp_path / "detector",
         tmp_path / "sam" / "sam_vit_t_demo.safetensors",

@@ -379,8 +379,9 @@ def test_cli_exit_codes_and_messages(pack, tmp_path, capsys):
     assert cli.main(["models", "verify", str(pack)]) == 0
     assert "OK" in capsys.readouterr().out
     assert cli.main(["models", "--root", user, "import", str(pack)]) == 0
-    assert cli.main(["models", "--root", user, "import", str(pack)]) == 1
-    assert "--force" in capsys.readouterr().err
+    assert cli.main(["models", "--root", user, "import", str(pack)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ultramotion-igt models import: error:") and "--force" in err
     assert cli.main(["models", "--root", user, "import", str(pack), "--force"]) == 0
     assert cli.main(["models", "--root", user, "list"]) == 0
     out = capsys.readouterr().out
@@ -388,17 +389,18 @@ def test_cli_exit_codes_and_messages(pack, tmp_path, capsys):
     assert cli.main(["models", "--root", user, "verify", "test-pack"]) == 0
 
     (pack / "detector" / "preprocessor_config.json").write_text("{}", encoding="utf-8")
-    assert cli.main(["models", "verify", str(pack)]) == 1
+    assert cli.main(["models", "verify", str(pack)]) == 2
     err = capsys.readouterr().err
-    assert "FAILED" in err and "preprocessor_config.json" in err
-    assert cli.main(["models", "verify", str(tmp_path / "missing")]) == 1
+    assert err.startswith("ultramotion-igt models verify: error:") and "preprocessor_config.json" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert cli.main(["models", "verify", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
 
     slip = _zip_with(pack, tmp_path / "slip.zip", "../evil.txt")
-    assert cli.main(["models", "--root", user, "import", str(slip)]) == 1
+    assert cli.main(["models", "--root", user, "import", str(slip)]) == 2
     assert "zip-slip" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["models", "frobnicate"])
-    assert exit_info.value.code == 2
+    assert cli.main(["models", "frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
 def test_cli_manifest_and_make(source_models, tmp_path, capsys):
@@ -425,7 +427,7 @@ def test_cli_manifest_and_make(source_models, tmp_path, capsys):
         == 0
     )
     assert verify_pack(out).manifest.name == "made"
-    assert cli.main(["models", "manifest", str(tmp_path / "nothing-here"), "--name", "x"]) == 1
+    assert cli.main(["models", "manifest", str(tmp_path / "nothing-here"), "--name", "x"]) == 2
 
 
 def test_shipped_demo_pack_verifies_when_present():

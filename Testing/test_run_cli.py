@@ -52,6 +52,7 @@ def test_run_spine_phantom_end_to_end(plus_dir, models, tmp_path):
         "--score-threshold",
         "0",
         "--quiet",
+        "--sync-audit",
         *_model_args(models),
     )
     assert proc.returncode == 0, proc.stderr
@@ -91,6 +92,7 @@ def test_run_legacy_path_counts_host_syncs(plus_dir, models, tmp_path):
         "--score-threshold",
         "0",
         "--quiet",
+        "--sync-audit",
         *_model_args(models),
     )
     assert proc.returncode == 0, proc.stderr
@@ -154,7 +156,33 @@ def test_corrupt_checkpoint_is_a_clear_error(plus_dir, models, tmp_path):
     assert proc.returncode == 2 and "sam.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_without_sync_audit_no_host_sync_fields(plus_dir, models, tmp_path):
+    """The sync audit is opt-in: without --sync-audit no audit runs and no record carries its fields."""
+    out = tmp_path / "plain"
+    proc = _cli(
+        "run",
+        "--input",
+        str(plus_dir / "SpinePhantomFreehand.igs.mha"),
+        "--out",
+        str(out),
+        "--max-frames",
+        "2",
+        "--quiet",
+        *_model_args(models),
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames_out"] == 2
+    records = [json.loads(line) for line in (out / "kpi.jsonl").read_text().splitlines()]
+    frames = [r for r in records if r["event"] == "frame"]
+    assert [r["frame"] for r in frames] == [0, 1]
+    for record in [summary, *records]:
+        assert not {"host_syncs", "declared_hops", "host_syncs_per_frame", "declared_hops_per_frame"} & set(
+            record
+        ), record
+
+
 def test_help_and_unknown_command():
     assert _cli("--help").returncode == 0
     proc = _cli("no-such-command")
-    assert proc.returncode == 2 and "unknown command" in proc.stderr
+    assert proc.returncode == 2 and "invalid choice: 'no-such-command'" in proc.stderr

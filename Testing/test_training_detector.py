@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from UltramotionIGTLib import CLASS_NAMES
 from UltramotionIGTLib.core.detector import DFineDetector
-from UltramotionIGTLib.tools.training import cli as train_cli
+from UltramotionIGTLib.tools import cli
 from UltramotionIGTLib.tools.training.common import CHECKPOINT_NAME, heldout_set
 from UltramotionIGTLib.tools.training.detector import detector_ap50, train_detector
 
@@ -121,7 +121,7 @@ def test_detector_ap50_scores_a_detector_on_heldout_frames(tmp_path: Path) -> No
 def test_cli_trains_the_demo_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     args = ["detector", "--out", str(out), "--steps", "1", "--batch-size", "1", "--heldout-frames", "2"]
-    assert train_cli.main([*args, "--no-progress"]) == 0
+    assert cli.main(["train", *args, "--no-progress"]) == 0
     assert "held-out AP50" in capsys.readouterr().out
     record = json.loads((out / "training.json").read_text())
     assert record["command"].startswith("ultramotion-igt train detector --out")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from UltramotionIGTLib.core.sam import SAM_CONFIGS, SamSegmenter, build_sam_model
 from UltramotionIGTLib.errors import CheckpointError
-from UltramotionIGTLib.tools.training import cli as train_cli
+from UltramotionIGTLib.tools import cli
 from UltramotionIGTLib.tools.training.common import CHECKPOINT_NAME, PhantomFramePool
 from UltramotionIGTLib.tools.training.sam import (
     WEIGHTS_NAME,
@@ -33,7 +33,7 @@ def _one_thread():
 def test_cli_training_writes_loadable_checkpoint_and_report(tmp_path):
     out = tmp_path / "sam"
     argv = ["sam", "--out", str(out), "--steps", "3", "--batch-size", "2", "--checkpoint-every", "2"]
-    assert train_cli.main([*argv, "--heldout-frames", "4", "--no-progress"]) == 0
+    assert cli.main(["train", *argv, "--heldout-frames", "4", "--no-progress"]) == 0
 
     assert (out / CHECKPOINT_NAME).is_file()
     seg = SamSegmenter.from_checkpoint(out / WEIGHTS_NAME, device="cpu")

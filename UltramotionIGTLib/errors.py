@@ -9,6 +9,10 @@ class UltramotionError(Exception):
     """Base class for errors caused by input, environment or configuration (not by a bug)."""
 
 
+class UsageError(UltramotionError, ValueError):
+    """Command-line options that do not go together (e.g. ``--sam`` without ``--detector``)."""
+
+
 class InputFileError(UltramotionError, ValueError):
     """An input file is missing, of the wrong kind, truncated or corrupt. The message names the file."""
 

@@ -42,7 +42,6 @@ import re
 import shutil
 import stat
 import struct
-import sys
 import tempfile
 import time
 import zipfile
@@ -629,7 +628,7 @@ def verify_pack(path: str | Path) -> PackReport:
     path = Path(path).expanduser()
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="ultramotion-verify-") as tmp:
-            inner = _extract_zip(path, Path(tmp))
+            inner = extract_pack_zip(path, Path(tmp))
             report = _verify_dir(inner)
             report.root = path
             return report
@@ -664,7 +663,7 @@ def _zip_member_path(info: zipfile.ZipInfo, zip_path: Path) -> str | None:
     return posix.as_posix()
 
 
-def _extract_zip(zip_path: Path, dest: Path) -> Path:
+def extract_pack_zip(zip_path: Path, dest: Path) -> Path:
     """Extract a pack zip into the empty folder ``dest``; returns the folder holding manifest.json.
 
     Every entry is checked before anything is written (no absolute paths, no ``..``, no links);
@@ -755,7 +754,7 @@ def import_pack(src: str | Path, dest_root: str | Path | None = None, overwrite:
         if src.is_file():
             if not zipfile.is_zipfile(src):
                 raise CheckpointError(f"{src} is neither a pack folder nor a .zip of one")
-            pack_dir = _extract_zip(src, unpacked)
+            pack_dir = extract_pack_zip(src, unpacked)
         else:
             pack_dir = src
         report = _verify_dir(pack_dir)
@@ -957,7 +956,7 @@ def load_pack(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
+def run_list(args: argparse.Namespace) -> int:
     packs = installed_packs(args.root)
     if not packs:
         print(f"no model packs found (shipped: {models_root()}, user: {args.root or user_models_dir()})")
@@ -979,7 +978,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
+def run_verify(args: argparse.Namespace) -> int:
     target = args.pack
     if target is not None and not Path(target).expanduser().exists():
         target = resolve_pack(target, args.root)
@@ -988,13 +987,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
+def run_import(args: argparse.Namespace) -> int:
     report = import_pack(args.pack, args.root, overwrite=args.force)
     print(f"installed: {report.format()}")
     return 0
 
 
-def _cmd_manifest(args: argparse.Namespace) -> int:
+def run_manifest(args: argparse.Namespace) -> int:
     models = None
     if args.detector or args.sam:
         models = []
@@ -1008,7 +1007,7 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_make(args: argparse.Namespace) -> int:
+def run_make(args: argparse.Namespace) -> int:
     out = make_pack(
         args.out,
         detector_dir=args.detector,
@@ -1023,71 +1022,110 @@ def _cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt models",
-        description="Model packs (a folder or .zip with manifest.json: models, classes, input size, sha256 "
-        "of every file). Install real checkpoints offline by copying one file.",
-    )
+def _add_root(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--root",
+        default=default,
+        metavar="DIR",
+        help=f"user pack folder (default: ${ENV_MODELS_DIR}, else ~/.ultramotion-igt/models)",
+    )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """``ultramotion-igt models``: the group's own option, ``--root`` (also accepted after list, verify
+    and import, the commands that use it)."""
+    parser.description = (
+        "Model packs: a folder or .zip holding manifest.json beside the model files (models, classes, "
+        "input size, sha256 of every file). Install real checkpoints offline by copying one file. "
+        "A pack that is missing, fails verification or cannot be installed is an error (exit 2)."
+    )
+    _add_root(parser, None)
+
+
+def _configure_leaf(parser: argparse.ArgumentParser, description: str, root: bool = True) -> None:
+    parser.description = description
+    if root:  # SUPPRESS: an absent --root after the command must not reset one given before it
+        _add_root(parser, argparse.SUPPRESS)
+
+
+def configure_list(parser: argparse.ArgumentParser) -> None:
+    _configure_leaf(
+        parser, "List the shipped demo pack and the packs installed in the user folder (exit 1 if none)."
+    )
+
+
+def configure_verify(parser: argparse.ArgumentParser) -> None:
+    _configure_leaf(
+        parser, "Check that every file a pack lists exists with its size and sha256; print the pack."
+    )
+    parser.add_argument(
+        "pack",
+        nargs="?",
         default=None,
-        help=f"user pack folder (default: ${ENV_MODELS_DIR} or ~/.ultramotion-igt/models)",
+        metavar="PACK",
+        help="pack folder, .zip or installed name (default: the shipped demo pack)",
     )
-    # --root is accepted before or after the subcommand (SUPPRESS: the subcommand's absent option
-    # must not reset a value given before it)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default=argparse.SUPPRESS, help="user pack folder")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list the shipped and installed packs", parents=[common])
-    p.set_defaults(func=_cmd_list)
-    p = sub.add_parser(
-        "verify",
-        help="check every file of a pack against its manifest (default: demo pack)",
-        parents=[common],
-    )
-    p.add_argument("pack", nargs="?", default=None, help="pack folder, .zip or installed name")
-    p.set_defaults(func=_cmd_verify)
-    p = sub.add_parser(
-        "import", help="verify a pack (folder or .zip) and install it into the user folder", parents=[common]
-    )
-    p.add_argument("pack")
-    p.add_argument("--force", action="store_true", help="replace an installed pack of the same name")
-    p.set_defaults(func=_cmd_import)
-    p = sub.add_parser("manifest", help="write DIR/manifest.json (hashes every file)", parents=[common])
-    p.add_argument("dir")
-    p.add_argument("--name", required=True)
-    p.add_argument("--description", default="")
-    p.add_argument("--detector", default=None, help="detector folder relative to DIR (default: detector)")
-    p.add_argument("--sam", default=None, help="SAM checkpoint relative to DIR (default: first in sam/)")
-    p.add_argument("--sam-type", default="auto", help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)")
-    p.set_defaults(func=_cmd_manifest)
-    p = sub.add_parser(
-        "make",
-        help="build a pack (folder or .zip) from a D-FINE folder and a SAM checkpoint",
-        parents=[common],
-    )
-    p.add_argument("--detector", default=None, help="HF D-FINE folder (config.json + model.safetensors)")
-    p.add_argument("--sam", default=None, help="SAM checkpoint (.pth official, .safetensors)")
-    p.add_argument("--sam-type", default="auto", help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)")
-    p.add_argument("--out", required=True, help="pack folder, or a .zip file")
-    p.add_argument("--name", default=None, help="pack name (default: the --out name)")
-    p.add_argument("--description", default="")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=_cmd_make)
-    return parser
 
 
-def main(argv: Sequence[str]) -> int:
-    """``ultramotion-igt models list | verify [PACK] | import PACK [--force] | manifest DIR | make``.
+def configure_import(parser: argparse.ArgumentParser) -> None:
+    _configure_leaf(
+        parser,
+        "Verify a pack (folder or .zip) and install it into the user pack folder as <root>/<pack name>; "
+        "nothing is installed unless every file verifies.",
+    )
+    parser.add_argument("pack", metavar="PACK", help="pack folder or .zip")
+    parser.add_argument("--force", action="store_true", help="replace an installed pack of the same name")
 
-    Exit 0 on success, 1 when a pack is missing, fails verification or cannot be installed (one
-    line on stderr naming the file), 2 for bad arguments.
-    """
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
-    try:
-        return int(args.func(args))
-    except CheckpointError as exc:
-        print(f"ultramotion-igt models {args.command}: FAILED: {exc}", file=sys.stderr)
-        return 1
+
+def configure_manifest(parser: argparse.ArgumentParser) -> None:
+    _configure_leaf(
+        parser,
+        "Write DIR/manifest.json for the models already in DIR (hashes every file), then verify it.",
+        root=False,
+    )
+    parser.add_argument("dir", metavar="DIR", help="pack folder holding the model files")
+    parser.add_argument("--name", required=True, help="pack name (what --pack NAME finds once installed)")
+    parser.add_argument("--description", default="", help="one line about the pack")
+    parser.add_argument(
+        "--detector",
+        default=None,
+        metavar="REL",
+        help="detector folder relative to DIR (default: detector/ when it holds config.json)",
+    )
+    parser.add_argument(
+        "--sam",
+        default=None,
+        metavar="REL",
+        help="SAM checkpoint relative to DIR (default: the first checkpoint in sam/)",
+    )
+    parser.add_argument(
+        "--sam-type",
+        default="auto",
+        metavar="TYPE",
+        help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)",
+    )
+
+
+def configure_make(parser: argparse.ArgumentParser) -> None:
+    _configure_leaf(
+        parser,
+        "Build a pack (folder or .zip) from a D-FINE folder and/or a SAM checkpoint: copies the files, "
+        "writes manifest.json, verifies the result.",
+        root=False,
+    )
+    parser.add_argument(
+        "--detector", default=None, metavar="DIR", help="D-FINE folder (config.json + model.safetensors)"
+    )
+    parser.add_argument(
+        "--sam", default=None, metavar="CKPT", help="SAM checkpoint (official .pth or .safetensors)"
+    )
+    parser.add_argument(
+        "--sam-type",
+        default="auto",
+        metavar="TYPE",
+        help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)",
+    )
+    parser.add_argument("--out", required=True, metavar="PACK", help="pack folder to create, or a .zip file")
+    parser.add_argument("--name", default=None, help="pack name (default: the --out name)")
+    parser.add_argument("--description", default="", help="one line about the pack")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -87,10 +87,10 @@ class SessionController:
         """The pipeline for ``models`` on ``config.device``: loaded on first use, then reused with
         ``config`` applied (a new sequence starts: tracks are forgotten). Raises `CheckpointError`
         naming the file at fault, `DeviceUnavailableError` for an unusable device."""
-        key = (str(models.detector), str(models.sam), models.sam_type, config.device)
+        key = (*models.key(), config.device)
         if self.pipeline is None or self._pipeline_key != key:
             self.pipeline = None  # free the old models before loading new ones
-            self.pipeline = Pipeline.from_paths(models.detector, models.sam, models.sam_type, config)
+            self.pipeline = Pipeline(*models.load(config.device), config)
             self._pipeline_key = key
         else:
             self.pipeline.config = dataclasses.replace(config)

@@ -1,75 +1,209 @@
-"""``ultramotion-igt`` command line: one dispatcher, each command implemented beside its subject.
+"""``ultramotion-igt``: one argparse tree over every command (also ``python -m UltramotionIGTLib``).
 
-Every command is a ``main(argv) -> int`` in its own module, imported only when used, so that
-``ultramotion-igt --help`` is instant. Errors caused by the user (`UltramotionError`) print one
-clear line and exit with status 2, never a traceback.
+Each command lives beside its subject as two functions in its module: ``configure(parser)`` adds the
+command's options, ``run(args) -> int`` does the work and returns the exit status. A module that
+serves several commands suffixes both with the command's name (``configure_verify``/``run_verify``).
+`COMMANDS` wires them into the tree; options several commands share come from `tools.options`.
+
+A command's module is imported, and its ``configure`` called, only when that command is parsed
+(`CommandParser`), so ``ultramotion-igt --help`` and ``ultramotion-igt run --help`` import neither
+torch nor transformers; command modules import them inside ``run``.
+
+Exit status, decided here and nowhere else: what ``run`` returns (0, or 1 for a negative verdict:
+a failed doctor check, ``evaluate --strict`` under a bar, audit findings with ``--fail-on``); 2 for a
+usage error (argparse's message) or an `UltramotionError` (``ultramotion-igt CMD: error: <one
+line>`` on stderr); 130 on Ctrl-C. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-#: command -> ("module:function", one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("UltramotionIGTLib.tools.run:main", "run the pipeline on a recording, image or array file"),
-    "make-test-models": (
-        "UltramotionIGTLib.tools.run:make_test_models_main",
-        "write small random-weight models in the real checkpoint formats",
+PROG = "ultramotion-igt"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Command:
+    """One node of the tree: a command (``module`` with ``configure{suffix}``/``run{suffix}``) or a
+    group of ``children`` (whose ``module``, if any, gives the group's own options by ``configure``)."""
+
+    name: str
+    help: str
+    module: str = ""
+    suffix: str = ""
+    children: tuple[Command, ...] = ()
+
+    def function(self, kind: str) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), f"{kind}{self.suffix}")
+
+
+_LIB = "UltramotionIGTLib"
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "run the pipeline on a recording, image or array file", f"{_LIB}.tools.run"),
+    Command(
+        "demo",
+        "a held-out synthetic phantom sequence through the pipeline, Dice vs truth",
+        f"{_LIB}.tools.demo",
     ),
-    "train": (
-        "UltramotionIGTLib.tools.training.cli:main",
+    Command(
+        "evaluate", "held-out phantom metrics: AP50, SAM Dice, end-to-end Dice", f"{_LIB}.tools.evaluate"
+    ),
+    Command(
+        "train",
         "train the small demo models on the synthetic phantom",
+        children=(
+            Command("detector", "small D-FINE (vessel, needle)", f"{_LIB}.tools.training.detector"),
+            Command("sam", "small SAM (vit_t_demo), ground-truth box prompts", f"{_LIB}.tools.training.sam"),
+        ),
     ),
-    "evaluate": (
-        "UltramotionIGTLib.tools.evaluate:main",
-        "held-out phantom metrics: AP50, SAM Dice, end-to-end Dice",
+    Command(
+        "models",
+        "model packs: list, verify, import, manifest, make",
+        f"{_LIB}.models.packs",
+        children=tuple(
+            Command(name, help_, f"{_LIB}.models.packs", f"_{name}")
+            for name, help_ in (
+                ("list", "list the shipped and installed packs"),
+                ("verify", "check every file of a pack against its manifest (sha256)"),
+                ("import", "verify a pack (folder or .zip) and install it into the user pack folder"),
+                ("manifest", "write DIR/manifest.json for the models in DIR"),
+                ("make", "build a pack (folder or .zip) from a D-FINE folder and a SAM checkpoint"),
+            )
+        ),
     ),
-    "models": ("UltramotionIGTLib.models.packs:main", "model packs: list | verify | import PACK"),
-    "demo": (
-        "UltramotionIGTLib.tools.demo:main",
-        "run a synthetic sequence through the pipeline with the demo models",
+    Command(
+        "bench",
+        "benchmarks: side-by-side ratios from one run",
+        children=(
+            Command("pipeline", "legacy path vs GPU-resident path", f"{_LIB}.tools.benchmarks.pipeline"),
+            Command(
+                "sam", "official SamPredictor loop vs batched box prompts", f"{_LIB}.tools.benchmarks.sam"
+            ),
+            Command("matcher", "torch assignment solver vs scipy", f"{_LIB}.tools.benchmarks.matcher"),
+            Command(
+                "mrml", "per-frame segmentation node update (slicer-core)", f"{_LIB}.tools.benchmarks.mrml"
+            ),
+        ),
     ),
-    "bench": ("UltramotionIGTLib.tools.bench:main", "benchmarks: side-by-side ratios from one run"),
-    "audit": ("UltramotionIGTLib.tools.audit.cli:main", "static (AST) and runtime GPU->CPU transfer audit"),
-    "doctor": ("UltramotionIGTLib.tools.doctor:main", "pre-flight check of torch, CUDA and model files"),
-}
+    Command("audit", "static (AST) and runtime GPU->CPU transfer audit", f"{_LIB}.tools.audit.cli"),
+    Command("doctor", "pre-flight check of torch, CUDA, the GPU and the model files", f"{_LIB}.tools.doctor"),
+    Command(
+        "make-test-models",
+        "write small random-weight models in the real checkpoint formats",
+        f"{_LIB}.tools.run",
+        "_make_test_models",
+    ),
+)
 
-EXIT_USER_ERROR = 2
+
+class CommandParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` that adds its command's options on first use.
+
+    ``command``: the `Command` whose ``configure`` fills this parser; ``path``: the command's words
+    (``"models verify"``), stored in the namespace as ``_command`` for error messages. A command's
+    parser stores its ``run`` function as ``_run``.
+    """
+
+    def __init__(self, *args: Any, command: Command | None = None, path: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._node = command
+        self._path = path
+        self._configured = False
+        if command is not None and command.children:
+            sub = self.add_subparsers(title="commands", metavar="COMMAND", dest="_subcommand", required=True)
+            for child in command.children:
+                _add_command(sub, child, f"{path} {child.name}".strip())
+
+    def configure(self) -> None:
+        """Add the command's options (imports its module); idempotent."""
+        if self._configured or self._node is None:
+            return
+        self._configured = True
+        command = self._node
+        if command.module:
+            command.function("configure")(self)
+        if not command.children:
+            self.set_defaults(_run=command.function("run"), _command=self._path)
+
+    def configure_all(self) -> None:
+        """Configure this parser and every parser under it (the whole tree; imports every module)."""
+        self.configure()
+        for action in self._subparsers._group_actions if self._subparsers else ():
+            for child in action.choices.values():
+                child.configure_all()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.configure()
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._node is not None and not self._node.children:
+            # a command reports its own unknown options (argparse would leave them to the top parser,
+            # whose usage line does not show the command's options)
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
+
+    def format_help(self) -> str:
+        self.configure()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.configure()
+        return super().format_usage()
 
 
-def _usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = ["usage: ultramotion-igt COMMAND [options]   (ultramotion-igt COMMAND --help)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
+def _add_command(sub: Any, command: Command, path: str) -> None:
+    sub.add_parser(
+        command.name,
+        help=command.help,
+        description=command.help,
+        command=command,
+        path=path,
+    )
+
+
+ROOT = Command(
+    PROG,
+    "GPU-resident detection (D-FINE) and box-prompted segmentation (SAM) on ultrasound: the command "
+    f"line of the UltramotionIGT Slicer extension's library. '{PROG} COMMAND --help' describes a command.",
+    children=COMMANDS,
+)
+
+
+def build_parser() -> CommandParser:
+    """The whole tree. Commands' options are added when a command is parsed (`CommandParser`);
+    call ``configure_all()`` on the result to add them all at once."""
+    from UltramotionIGTLib import __version__
+
+    parser = CommandParser(prog=PROG, description=ROOT.help, command=ROOT)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0 if args else EXIT_USER_ERROR
-    if args[0] == "--version":
-        from UltramotionIGTLib import __version__
-
-        print(__version__)
-        return 0
-    name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"ultramotion-igt: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    target, _ = COMMANDS[name]
-    module_name, func_name = target.split(":")
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit status (module doc)."""
     from UltramotionIGTLib.errors import UltramotionError
 
+    command = PROG
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        try:
+            args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        except SystemExit as exc:  # --help, --version (0) and argparse's usage errors (2, message printed)
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        command = f"{PROG} {args._command}"
+        return int(args._run(args))
     except UltramotionError as exc:
-        print(f"ultramotion-igt {name}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"ultramotion-igt {name}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

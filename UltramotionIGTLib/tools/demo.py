@@ -1,8 +1,8 @@
 """``ultramotion-igt demo``: a synthetic phantom sequence through the full pipeline with the shipped models.
 
-Needs no download and no GPU: the demo models in ``Resources/Models`` (a verified model pack) were
-trained on the same phantom family; the sequence is drawn from the held-out seeds, never seen in
-training. Writes the same outputs as ``run`` plus ``overlay.gif`` and the sequence's ground-truth
+Needs no download and no GPU: by default the demo pack in ``Resources/Models`` (verified before
+loading), trained on the same phantom family; ``--pack`` or ``--detector``/``--sam`` name other
+models. The sequence is drawn from the held-out seeds, never seen in training. Writes the same outputs as ``run`` plus ``overlay.gif`` and the sequence's ground-truth
 quality (end-to-end Dice against the phantom's exact masks).
 """
 
@@ -64,38 +64,48 @@ def sequence_dice(
     return out
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt demo",
-        description="Run a held-out synthetic phantom sequence through detector -> tracker -> SAM with the "
-        "shipped demo models; writes segmentation.seq.nrrd, kpi.jsonl, summary.json, overlay.png, overlay.gif.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments, positive_int
+
+    parser.description = (
+        "Run a held-out synthetic phantom sequence (seeds never seen in training) through detector -> "
+        "SAM -> tracker with the shipped demo pack (or the models named); writes segmentation.seq.nrrd, "
+        "kpi.jsonl, summary.json, overlay.png and overlay.gif into --out and prints the end-to-end Dice "
+        "against the phantom's exact masks."
     )
-    parser.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    parser.add_argument("--frames", type=int, default=60, help="frames to synthesise (default 60 = 3 s)")
+    parser.add_argument("--out", default="out/demo", metavar="DIR", help="output folder (default out/demo)")
     parser.add_argument(
-        "--seed", type=int, default=None, help="phantom seed (default: the first held-out seed)"
+        "--frames",
+        type=positive_int,
+        default=60,
+        metavar="N",
+        help="frames to synthesise (default 60 = 3 s at 20 Hz)",
     )
-    parser.add_argument("--pack", default=None, help="model pack folder (default: the shipped demo pack)")
-    parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument(
-        "--legacy", action="store_true", help="legacy path (gpu_resident=False, sam_as_numpy=True)"
+        "--seed", type=int, default=None, help="phantom sequence seed (default: the first held-out seed)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(list(argv))
+    parser.add_argument(
+        "--sync-audit",
+        action="store_true",
+        help="count host syncs per frame (runtime audit, no profiler) into kpi.jsonl and summary.json",
+    )
+    add_model_arguments(parser)
+    add_pipeline_arguments(parser)
 
+
+def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.device import resolve_device
-    from UltramotionIGTLib.core.pipeline import PipelineConfig
-    from UltramotionIGTLib.errors import InputFileError
-    from UltramotionIGTLib.models.packs import default_pack, load_pack
     from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
+    from UltramotionIGTLib.tools.options import pipeline_config_from_args, resolve_model_source
     from UltramotionIGTLib.tools.run import _summary_line, process_sequence
+    from UltramotionIGTLib.tools.training.common import write_json
 
-    if args.frames < 1:
-        raise InputFileError(f"--frames must be >= 1, got {args.frames}")
+    source = resolve_model_source(args)
     device = resolve_device(args.device)
-    pack = Path(args.pack) if args.pack else default_pack()
-    detector, segmenter, _manifest = load_pack(pack, device=device)
-    pipeline = build_pipeline(detector, segmenter, PipelineConfig(device=str(device)), legacy=args.legacy)
+    config = pipeline_config_from_args(args, device=str(device))
+    detector, segmenter = source.load(device)
+    pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
     sequence, truth = demo_sequence(args.frames, args.seed)
     out = Path(args.out)
     summary = process_sequence(
@@ -107,13 +117,13 @@ def main(argv: Sequence[str]) -> int:
         progress=not args.quiet,
         source=sequence.metadata["source"],
         gif=True,
+        sync_audit=args.sync_audit,
         keep_results=True,
     )
     quality = sequence_dice(summary.pop("results"), truth, pipeline.class_names)
     summary["ground_truth_dice"] = quality
-    summary["model_pack"] = str(pack)
-    from UltramotionIGTLib.tools.training.common import write_json
-
+    summary["model_pack"] = str(source.pack) if source.pack is not None else None
+    summary["models"] = source.describe()
     write_json(out / "summary.json", summary)
     print(_summary_line(summary, out))
     print("end-to-end Dice vs phantom ground truth: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()))

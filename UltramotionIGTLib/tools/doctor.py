@@ -1,6 +1,6 @@
 """Pre-flight check: is this machine ready to run the pipeline, and if not, what to do.
 
-One library function, `run_checks`, used by ``ultramotion-igt doctor`` (`main`) and by the Slicer
+One library function, `run_checks`, used by ``ultramotion-igt doctor`` (`run`) and by the Slicer
 module's "Check environment" button. Each check returns a `CheckResult` that says plainly what was
 found, what is wrong and what to do. Nothing here raises for an environment problem: a missing torch,
 CUDA or model file is a FAIL result, not an exception.
@@ -459,27 +459,29 @@ def run_checks(
     return results
 
 
-def main(argv: Sequence[str]) -> int:
-    """``ultramotion-igt doctor``: print the report; exit 1 if a check failed, else 0."""
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt doctor",
-        description="Pre-flight check of Python, torch, CUDA, the GPU and the model files, with a timed "
-        "warm-up frame. Models default to the shipped demo models.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    from UltramotionIGTLib.tools.options import add_model_arguments
+
+    parser.description = (
+        "Pre-flight check of Python, torch, the device (CUDA, GPU memory, kernels for the GPU) and the "
+        "model files, then both models loaded and timed on warm-up frames. Models: the shipped demo pack "
+        "unless named. Exit 0 when ready (warnings allowed), 1 when a check failed."
     )
-    parser.add_argument("--detector", default=None, help="D-FINE model folder (default: shipped demo model)")
-    parser.add_argument("--sam", default=None, help="SAM checkpoint file (default: shipped demo model)")
-    parser.add_argument(
-        "--sam-type", default="auto", help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)"
-    )
-    parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the timed warm-up frame")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the timed warm-up frames")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(list(argv))
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report (or JSON); 1 if a check failed, else 0. Missing model files are FAIL results."""
+    from UltramotionIGTLib.tools.options import resolve_model_source
+
+    source = resolve_model_source(args, check_files=False)
     results = run_checks(
         device=args.device,
-        detector_dir=args.detector,
-        sam_checkpoint=args.sam,
-        sam_type=args.sam_type,
+        detector_dir=source.detector,
+        sam_checkpoint=source.sam,
+        sam_type=source.sam_type,
         warmup=not args.no_warmup,
     )
     if args.json:

@@ -1,4 +1,7 @@
-"""``ultramotion-igt run`` and ``make-test-models``: recordings in, segmentation sequence + KPIs out."""
+"""``ultramotion-igt run`` and ``make-test-models``: recordings in, segmentation sequence + KPIs out.
+
+`process_sequence` (also used by ``demo``) runs the frames and writes the outputs.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +10,20 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from UltramotionIGTLib.errors import InputFileError, UltramotionError
+from UltramotionIGTLib.errors import UltramotionError
+from UltramotionIGTLib.tools.options import (
+    add_model_arguments,
+    add_pipeline_arguments,
+    pipeline_config_from_args,
+    positive_int,
+    resolve_model_source,
+)
 
 OUTPUT_FILES = ("segmentation.seq.nrrd", "kpi.jsonl", "summary.json", "overlay.png")
-
-
-def add_pipeline_arguments(parser: argparse.ArgumentParser, models_required: bool = True) -> None:
-    """The model and pipeline options shared by run, demo, audit --runtime, bench and doctor."""
-    parser.add_argument(
-        "--detector", required=models_required, help="D-FINE model folder (config.json + safetensors)"
-    )
-    parser.add_argument(
-        "--sam", required=models_required, help="SAM checkpoint (.pth state dict or .safetensors)"
-    )
-    parser.add_argument(
-        "--sam-type", default="auto", help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)"
-    )
-    parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="detection score threshold (0.3)")
-    parser.add_argument("--max-targets", type=int, default=4, help="SAM prompts per class per frame (4)")
-    parser.add_argument("--no-track", action="store_true", help="do not track targets across frames")
-    parser.add_argument(
-        "--legacy",
-        action="store_true",
-        help="legacy path for comparison: gpu_resident=False, sam_as_numpy=True",
-    )
-
-
-def pipeline_config_from_args(args: argparse.Namespace):
-    from UltramotionIGTLib.core.pipeline import PipelineConfig
-
-    try:
-        return PipelineConfig(
-            device=args.device,
-            score_threshold=args.score_threshold,
-            max_targets_per_class=args.max_targets,
-            track=not args.no_track,
-        )
-    except ValueError as exc:
-        raise InputFileError(str(exc)) from exc
 
 
 def process_sequence(
@@ -62,14 +35,16 @@ def process_sequence(
     progress: bool = True,
     source: str = "",
     gif: bool = False,
-    sync_audit: bool = True,
+    sync_audit: bool = False,
     keep_results: bool = False,
 ) -> dict[str, Any]:
     """Run every frame through ``pipeline`` and write the standard outputs into ``out_dir``.
 
     Outputs: segmentation.seq.nrrd (one labelmap per input frame, the input's geometry, one segment
     per tracked target), kpi.jsonl, summary.json, overlay.png (and overlay.gif when ``gif``).
-    ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler) into the KPIs.
+    ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler): each frame's
+    KPI record gets ``host_syncs``/``declared_hops`` and the summary ``host_syncs_per_frame`` and
+    ``declared_hops_per_frame``. Off (the default), no audit is created and those fields are absent.
     Returns the summary dict (with the `HostResult` list under ``"results"`` when ``keep_results``;
     it is not written to summary.json).
     """
@@ -84,7 +59,6 @@ def process_sequence(
     )
     from UltramotionIGTLib.core.packet import SegmentTable
     from UltramotionIGTLib.io import write_segmentation_sequence
-    from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
     from UltramotionIGTLib.tools.overlay import save_overlay_gif, save_overlay_grid
 
     out = Path(out_dir)
@@ -101,11 +75,12 @@ def process_sequence(
     try:
         safe_log_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}, sink)
         bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
-        with (
-            RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
-            if sync_audit
-            else nullcontext() as audit
-        ):
+        audit_context: Any = nullcontext()
+        if sync_audit:
+            from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+
+            audit_context = RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
+        with audit_context as audit:
             for index in range(n):
                 t0 = time.perf_counter()
                 with audit.frame(index) if audit is not None else nullcontext():
@@ -132,6 +107,14 @@ def process_sequence(
         save_overlay_grid(out / "overlay.png", frames, results)
         if gif:
             save_overlay_gif(out / "overlay.gif", frames, results)
+        syncs = (
+            {
+                "host_syncs_per_frame": kpi.host_syncs_per_frame(),
+                "declared_hops_per_frame": kpi.declared_hops_per_frame(),
+            }
+            if sync_audit
+            else {}
+        )
         summary = {
             "source": source,
             "device": str(pipeline.device),
@@ -142,8 +125,7 @@ def process_sequence(
             "wall_s": wall_s,
             "fps": len(results) / wall_s if wall_s > 0 else None,
             "latency_ms": {**kpi.stage_ms(), "end_to_end": kpi.end_to_end_ms()},
-            "host_syncs_per_frame": kpi.host_syncs_per_frame(),
-            "declared_hops_per_frame": kpi.declared_hops_per_frame(),
+            **syncs,
             "segments": [{"value": v, "name": name, "color": list(c)} for v, name, c in table.segments()],
             "outputs": sorted(p.name for p in out.iterdir()) + ["summary.json"],
         }
@@ -164,47 +146,45 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def load_pipeline(args: argparse.Namespace) -> Any:
-    """The pipeline for run's options: the resident path, or with ``--legacy`` the in-house habits."""
-    from UltramotionIGTLib.core.device import resolve_device
-    from UltramotionIGTLib.core.pipeline import Pipeline
-    from UltramotionIGTLib.tools.benchmarks.legacy import LegacyPipeline
-
-    config = pipeline_config_from_args(args)
-    resolve_device(config.device)  # fail fast, before reading anything large
-    cls = LegacyPipeline if args.legacy else Pipeline
-    return cls.from_paths(args.detector, args.sam, args.sam_type, config)
-
-
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt run",
-        description=(
-            "Run detection + segmentation on a PLUS recording (.igs.mha/.seq.mha/.igs.nrrd/.seq.nrrd), a single "
-            ".mha/.nrrd image, or a .npy array. Writes " + ", ".join(OUTPUT_FILES) + " into --out."
-        ),
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run detection + segmentation on a PLUS recording (.igs.mha, .seq.mha, .igs.nrrd, .seq.nrrd), a "
+        "single .mha/.nrrd image or a .npy array (HxW, NxHxW, HxWx3 or NxHxWx3). Writes "
+        + ", ".join(OUTPUT_FILES)
+        + " "
+        "into --out. Models must be named: the shipped demo pack (--pack demo-phantom) is trained on the "
+        "synthetic phantom only, so using it on a real recording is a choice, not a default."
     )
-    parser.add_argument("--input", required=True, help="recording or image file")
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--max-frames", type=int, default=None, help="process only the first N frames")
+    parser.add_argument("--input", required=True, metavar="FILE", help="recording, image or .npy file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument(
+        "--max-frames", type=positive_int, default=None, metavar="N", help="only the first N frames"
+    )
     parser.add_argument("--gif", action="store_true", help="also write overlay.gif")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--no-sync-audit", action="store_true", help="do not count host syncs per frame (KPI host_syncs)"
+        "--sync-audit",
+        action="store_true",
+        help="count host syncs per frame (runtime audit, no profiler): host_syncs in kpi.jsonl, "
+        "host_syncs_per_frame in summary.json (off by default: the counting wraps torch calls)",
     )
+    add_model_arguments(parser, required=True)
     add_pipeline_arguments(parser)
-    args = parser.parse_args(list(argv))
 
+
+def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.device import resolve_device
     from UltramotionIGTLib.io import read_sequence
+    from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
 
-    resolve_device(pipeline_config_from_args(args).device)  # fail fast, before reading anything large
+    source = resolve_model_source(args)
+    config = pipeline_config_from_args(args)
+    device = resolve_device(config.device)  # fail fast, before reading anything large
     sequence = read_sequence(args.input)
     if args.max_frames is not None:
-        if args.max_frames < 1:
-            raise InputFileError(f"--max-frames must be >= 1, got {args.max_frames}")
         sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
-    pipeline = load_pipeline(args)
+    detector, segmenter = source.load(device)
+    pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
     summary = process_sequence(
         pipeline,
         sequence.frames,
@@ -214,7 +194,7 @@ def main(argv: Sequence[str]) -> int:
         progress=not args.quiet,
         source=str(args.input),
         gif=args.gif,
-        sync_audit=not args.no_sync_audit,
+        sync_audit=args.sync_audit,
     )
     print(_summary_line(summary, args.out))
     return 0
@@ -234,18 +214,24 @@ def _summary_line(summary: dict[str, Any], out: str | Path) -> str:
     return ", ".join(parts) + f" -> {out}"
 
 
-def make_test_models_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt make-test-models",
-        description=(
-            "Write small random-weight models in the real checkpoint formats (a D-FINE HF folder and a SAM "
-            "checkpoint) for smoke tests. They detect nothing meaningful: use the demo models for that."
-        ),
+def configure_make_test_models(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write small random-weight models in the real checkpoint formats (a D-FINE Hugging Face folder "
+        "in OUT/detector and a vit_t_demo SAM .safetensors in OUT/sam) for smoke tests. They detect "
+        "nothing meaningful: use the demo pack for that."
     )
-    parser.add_argument("--out", required=True, help="folder to write detector/ and sam/ into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=256, help="detector input size (256)")
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write detector/ and sam/ into")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        metavar="PX",
+        help="detector input size in pixels (default 256)",
+    )
+
+
+def run_make_test_models(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.detector import write_random_detector
     from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 

@@ -4,7 +4,7 @@
   severity from the per-frame call graph; ``.detach()`` listed apart as not a transfer.
 - `RuntimeTransferAudit` (runtime): counts host syncs and device-to-host copies per frame with their
   origin, declared hops (`UltramotionIGTLib.core.hostsync.allowed_host_transfer`) apart.
-- ``ultramotion-igt audit`` (`UltramotionIGTLib.tools.audit.cli.main`): both, as Markdown or JSON.
+- ``ultramotion-igt audit`` (`UltramotionIGTLib.tools.audit.cli`): both, as Markdown or JSON.
 
 The runtime part imports torch; it is loaded on first use so that the static scan works without it.
 """

@@ -2,14 +2,15 @@
 
 Static::
 
-    ultramotion-igt audit UltramotionIGTLib [--format md|json] [--hot-path 'GLOB'...]
-                          [--entry FILE:FUNC] [--not-hot GLOB...] [--fail-on critical] [--output FILE]
+    ultramotion-igt audit [PATHS] [--format md|json] [--hot-path PATTERN...] [--entry FILE:FUNC]
+                          [--not-hot PATTERN...] [--fail-on critical|medium|minor] [--output FILE]
 
-Runtime (runs the real pipeline; models from --detector/--sam, else the shipped demo models, else
-small random-weight test models written to a temporary folder)::
+Runtime (runs the real pipeline on the synthetic phantom or a recording; models from --pack,
+--detector/--sam or --random-models, else the shipped demo pack)::
 
-    ultramotion-igt audit --runtime [--frames N] [--legacy | --compare] [--input FILE]
-                          [--detector DIR --sam CKPT --sam-type T --device D] [--fail-on undeclared]
+    ultramotion-igt audit --runtime [--frames N] [--warmup N] [--legacy | --compare] [--input FILE]
+                          [--pack P | --detector DIR --sam CKPT | --random-models] [--device D]
+                          [--fail-on undeclared]
 
 Exit status: 0; 1 when ``--fail-on`` finds something (the findings are listed on stderr); 2 for a
 usage or input error.
@@ -20,92 +21,99 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from UltramotionIGTLib.errors import InputFileError
+from UltramotionIGTLib.errors import InputFileError, UsageError
 
 EXIT_FINDINGS = 1
 _LIB_DIR = Path(__file__).resolve().parents[2]
-_DEMO_DETECTOR = _LIB_DIR.parent / "Resources" / "Models" / "detector"
-_DEMO_SAM_DIR = _LIB_DIR.parent / "Resources" / "Models" / "sam"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def configure(parser: argparse.ArgumentParser) -> None:
     from UltramotionIGTLib.tools.audit.static import DEFAULT_ENTRIES, DEFAULT_NOT_HOT
-    from UltramotionIGTLib.tools.run import add_pipeline_arguments
+    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments, positive_int
 
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt audit",
-        description=(
-            "GPU->CPU transfer audit. Static (default): scan Python files for explicit hops, implicit "
-            "host syncs and round trips, with severities from the per-frame call graph. Runtime "
-            "(--runtime): run the pipeline and count hops and syncs per frame with their origin."
-        ),
+    parser.description = (
+        "GPU->CPU transfer audit. Static (default): scan Python files for explicit hops, implicit "
+        "host syncs and round trips, with severities from the per-frame call graph. Runtime "
+        "(--runtime): run the pipeline and count hops and syncs per frame with their origin. "
+        "Exit 1 when --fail-on finds something."
     )
     parser.add_argument(
         "paths", nargs="*", help="files or folders to scan (default: the UltramotionIGTLib package)"
     )
-    parser.add_argument("--format", choices=("md", "json"), default="md", help="report format (md)")
-    parser.add_argument("--output", "-o", help="write the report to this file instead of stdout")
+    parser.add_argument("--format", choices=("md", "json"), default="md", help="report format (default md)")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
     parser.add_argument(
+        "--fail-on",
+        choices=("critical", "medium", "minor", "undeclared"),
+        help="exit 1 when a static finding of this severity or worse exists (critical: the CI gate), "
+        "or, with --runtime, when the GPU-resident run has undeclared hops (undeclared)",
+    )
+    st = parser.add_argument_group("static audit")
+    st.add_argument(
         "--hot-path",
         nargs="+",
         action="extend",
         default=[],
         metavar="PATTERN",
         help="globs on FILE:FUNCTION whose functions (and their callees) are per-frame hot, e.g. "
-        "'*/matching.py:GpuHungarianMatcher.*' (put them after the paths)",
+        "'*/assignment.py:*' (put them after the paths)",
     )
-    parser.add_argument(
+    st.add_argument(
         "--entry",
         action="append",
         default=None,
         metavar="FILE:FUNC",
-        help=f"per-frame entry point(s) of the call graph (default {DEFAULT_ENTRIES[0]})",
+        help=f"per-frame entry point(s) of the call graph (default {' '.join(DEFAULT_ENTRIES)})",
     )
-    parser.add_argument(
+    st.add_argument(
         "--not-hot",
         nargs="+",
         action="extend",
         default=None,
         metavar="PATTERN",
-        help=f"globs the hot path does not enter (default {' '.join(DEFAULT_NOT_HOT)}: the kept legacy path)",
+        help=f"globs the hot path does not enter (default {' '.join(DEFAULT_NOT_HOT)})",
     )
-    parser.add_argument("--root", help="report file names relative to this folder (default: current folder)")
-    parser.add_argument("--top", type=int, default=10, help="files in the top-files table (10)")
-    parser.add_argument(
-        "--fail-on",
-        choices=("critical", "medium", "minor", "undeclared"),
-        help="exit 1 when a static finding of this severity or worse exists (critical: the CI gate), "
-        "or, with --runtime, when the GPU-resident run has undeclared hops ('undeclared')",
+    st.add_argument(
+        "--root", metavar="DIR", help="report file names relative to DIR (default: the current folder)"
+    )
+    st.add_argument(
+        "--top", type=int, default=10, metavar="N", help="files in the top-files table (default 10)"
     )
     rt = parser.add_argument_group("runtime audit")
-    rt.add_argument("--runtime", action="store_true", help="run the pipeline and count hops per frame")
-    rt.add_argument("--frames", type=int, default=10, help="frames to audit (10)")
-    rt.add_argument("--warmup", type=int, default=1, help="frames run before counting starts (1)")
-    rt.add_argument("--input", help="recording or image file (default: the synthetic phantom stream)")
-    rt.add_argument("--seed", type=int, default=0, help="phantom seed (0)")
+    rt.add_argument(
+        "--runtime", action="store_true", help="run the pipeline and count hops and syncs per frame"
+    )
+    rt.add_argument(
+        "--frames", type=positive_int, default=10, metavar="N", help="frames counted (default 10)"
+    )
+    rt.add_argument(
+        "--warmup", type=int, default=1, metavar="N", help="frames run before counting starts (default 1)"
+    )
+    rt.add_argument(
+        "--input", metavar="FILE", help="recording or image file (default: the synthetic phantom stream)"
+    )
+    rt.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     rt.add_argument(
         "--compare", action="store_true", help="audit the legacy and the GPU-resident path side by side"
     )
-    add_pipeline_arguments(rt, models_required=False)
-    return parser
+    add_model_arguments(parser, random_models=True)
+    add_pipeline_arguments(parser)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``ultramotion-igt audit``; returns the exit status."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def run(args: argparse.Namespace) -> int:
+    """The static audit, or the runtime audit with ``--runtime``; the exit status (module doc)."""
     if args.runtime:
         if args.fail_on not in (None, "undeclared"):
-            raise InputFileError(
+            raise UsageError(
                 f"--fail-on {args.fail_on} is for the static audit; with --runtime use undeclared"
             )
         return _runtime_main(args)
     if args.fail_on == "undeclared":
-        raise InputFileError("--fail-on undeclared needs --runtime")
+        raise UsageError("--fail-on undeclared needs --runtime")
     return _static_main(args)
 
 
@@ -177,25 +185,6 @@ def _emit(text: str, output: str | None) -> None:
 # runtime
 
 
-def _find_models(args: argparse.Namespace, tmp: Path) -> tuple[str, str, str, str]:
-    """(detector dir, sam checkpoint, sam type, where they came from)."""
-    if bool(args.detector) != bool(args.sam):
-        raise InputFileError("give both --detector and --sam, or neither (then the demo models are used)")
-    if args.detector:
-        return args.detector, args.sam, args.sam_type, "given"
-    sams = sorted(p for p in _DEMO_SAM_DIR.glob("*") if p.suffix in (".safetensors", ".pth", ".pt"))
-    if (_DEMO_DETECTOR / "config.json").is_file() and sams:
-        return str(_DEMO_DETECTOR), str(sams[0]), args.sam_type, "shipped demo models"
-    from UltramotionIGTLib.core.detector import write_random_detector
-    from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
-
-    det = write_random_detector(tmp / "detector", seed=0)
-    sam = write_random_sam_checkpoint(
-        tmp / "sam" / "sam_vit_t_demo.safetensors", model_type="vit_t_demo", seed=0
-    )
-    return str(det), str(sam), "vit_t_demo", "random-weight test models (no demo models found)"
-
-
 def _load_frames(args: argparse.Namespace) -> list[Any]:
     n = args.frames + max(args.warmup, 0)
     if n <= 0 or args.frames <= 0:
@@ -232,22 +221,19 @@ def run_runtime_audit(pipeline: Any, frames: Sequence[Any], warmup: int = 1) -> 
 
 
 def _runtime_main(args: argparse.Namespace) -> int:
-    from UltramotionIGTLib.core.pipeline import Pipeline
     from UltramotionIGTLib.tools.audit.report import runtime_compare_markdown
-    from UltramotionIGTLib.tools.benchmarks.legacy import LegacyPipeline
-    from UltramotionIGTLib.tools.run import pipeline_config_from_args
+    from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
+    from UltramotionIGTLib.tools.options import pipeline_config_from_args, resolve_model_source
 
+    source = resolve_model_source(args)
     frames = _load_frames(args)
     modes = ["legacy", "gpu_resident"] if args.compare else (["legacy"] if args.legacy else ["gpu_resident"])
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="ultramotion-audit-") as tmp:
-        detector, sam, sam_type, source = _find_models(args, Path(tmp))
-        for mode in modes:
-            args.legacy = mode == "legacy"
-            config = pipeline_config_from_args(args)
-            cls = LegacyPipeline if mode == "legacy" else Pipeline
-            pipeline = cls.from_paths(detector, sam, sam_type=sam_type, config=config)
-            results[mode] = run_runtime_audit(pipeline, frames, warmup=max(args.warmup, 0))
+    config = pipeline_config_from_args(args)
+    detector, segmenter = source.load(config.device)
+    for mode in modes:
+        pipeline = build_pipeline(detector, segmenter, config, legacy=mode == "legacy")
+        results[mode] = run_runtime_audit(pipeline, frames, warmup=max(args.warmup, 0))
     input_name = args.input or f"synthetic phantom (seed {args.seed})"
     if args.format == "json":
         text = json.dumps(
@@ -255,7 +241,12 @@ def _runtime_main(args: argparse.Namespace) -> int:
                 "tool": "ultramotion-igt audit",
                 "kind": "runtime",
                 "input": input_name,
-                "models": {"detector": detector, "sam": sam, "sam_type": sam_type, "source": source},
+                "models": {
+                    "detector": str(source.detector),
+                    "sam": str(source.sam),
+                    "sam_type": source.sam_type,
+                    "source": source.describe(),
+                },
                 "runs": {mode: r.to_dict() for mode, r in results.items()},
             },
             indent=2,
@@ -264,7 +255,8 @@ def _runtime_main(args: argparse.Namespace) -> int:
         parts = [
             "# GPU->CPU transfer audit (runtime)",
             "",
-            f"Input: {input_name}; {args.frames} frames after {max(args.warmup, 0)} warm-up; models: {source}.",
+            f"Input: {input_name}; {args.frames} frames after {max(args.warmup, 0)} warm-up; "
+            f"models: {source.describe()}.",
             "",
         ]
         if len(results) > 1:

@@ -1,59 +1,31 @@
-"""Shared benchmark plumbing: model resolution, frame sources, timing tables."""
+"""Shared benchmark plumbing: options, frame sources, timing, tables."""
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pack", default=None, help="model pack (default: the shipped demo pack)")
-    parser.add_argument("--detector", default=None, help="D-FINE folder (instead of a pack)")
-    parser.add_argument("--sam", default=None, help="SAM checkpoint (instead of a pack)")
-    parser.add_argument("--sam-type", default="auto")
-    parser.add_argument(
-        "--random-models", action="store_true", help="small random-weight models (no pack needed)"
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model source (`options.add_model_arguments`, with ``--random-models``), ``--device`` and the
+    frames of ``bench pipeline`` and ``bench sam``."""
+    from UltramotionIGTLib.tools.options import add_model_arguments, positive_int
+
+    add_model_arguments(parser, random_models=True)
+    group = parser.add_argument_group("frames")
+    group.add_argument(
+        "--input", metavar="FILE", help="recording to take frames from (default: the demo phantom sequence)"
     )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--input", default=None, help="recording to take frames from (default: demo phantom)")
-    parser.add_argument("--frames", type=int, default=40, help="measured frames per path (40)")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured warm-up frames per path (3)")
-
-
-def load_models(args: argparse.Namespace, device: Any, tmp: Path) -> tuple[Any, Any, str]:
-    """(detector, segmenter, description) from --detector/--sam, --random-models or the pack."""
-    from UltramotionIGTLib.core.detector import DFineDetector, write_random_detector
-    from UltramotionIGTLib.core.sam import SamSegmenter, write_random_sam_checkpoint
-
-    if args.detector or args.sam:
-        if not (args.detector and args.sam):
-            from UltramotionIGTLib.errors import InputFileError
-
-            raise InputFileError("give both --detector and --sam (or a --pack)")
-        return (
-            DFineDetector.from_pretrained(args.detector, device=device),
-            SamSegmenter.from_checkpoint(args.sam, model_type=args.sam_type, device=device),
-            f"{args.detector} + {args.sam}",
-        )
-    if args.random_models:
-        det = write_random_detector(tmp / "detector")
-        sam = write_random_sam_checkpoint(tmp / "sam.safetensors")
-        return (
-            DFineDetector.from_pretrained(det, device=device),
-            SamSegmenter.from_checkpoint(sam, device=device),
-            "random-weight test models",
-        )
-    from UltramotionIGTLib.models.packs import default_pack, load_pack
-
-    pack = Path(args.pack) if args.pack else default_pack()
-    detector, segmenter, _ = load_pack(pack, device=device)
-    return detector, segmenter, f"model pack {pack}"
+    group.add_argument(
+        "--frames", type=positive_int, default=40, metavar="N", help="measured frames per path (default 40)"
+    )
+    group.add_argument(
+        "--warmup", type=int, default=3, metavar="N", help="unmeasured warm-up frames per path (default 3)"
+    )
 
 
 def load_frames(args: argparse.Namespace, n: int) -> tuple[list[np.ndarray], str]:
@@ -108,7 +80,3 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="ultramotion-bench-")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -104,22 +104,25 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt bench matcher",
-        description="torch Hungarian solver on the device vs scipy (+ device-to-host copy), one run.",
-    )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+def configure(parser: argparse.ArgumentParser) -> None:
+    from UltramotionIGTLib.tools.options import add_device_argument, describe_from_doc, positive_int
+
+    describe_from_doc(parser, __doc__)
+    add_device_argument(parser)
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed runs per case, median reported (default 5)"
+        "--repeats",
+        type=positive_int,
+        default=5,
+        metavar="N",
+        help="timed runs per case, the median is reported (default 5)",
     )
     parser.add_argument(
         "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="which cases (default: all)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(list(argv))
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random costs (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     print(
         f"matcher benchmark on {device} = {_device_name(device)}, torch {torch.__version__}, "

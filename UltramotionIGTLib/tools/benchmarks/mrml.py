@@ -1,6 +1,7 @@
 """``ultramotion-igt bench mrml``: per-frame segmentation node update, three ways, side by side.
 
-One frame's result (an 820x616 frame, 2-4 target masks) is written into a segmentation node:
+One frame's result (by default an 820x616 frame with 2, 3 and 4 target masks) is written into a
+segmentation node:
 
 - ``in-place`` (`UltramotionIGTLib.slicer.mrml.SegmentationWriter`, what the live session uses): each
   segment keeps one vtkOrientedImageData with the frame's geometry; the mask is copied into it and
@@ -22,7 +23,7 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -85,16 +86,42 @@ def _stats(times: np.ndarray) -> dict[str, float]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ultramotion-igt bench mrml", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=300, help="timed frames for in-place / logic-copy")
-    parser.add_argument("--naive-frames", type=int, default=60, help="timed frames for the naive way")
-    parser.add_argument("--segments", type=int, nargs="+", default=[2, 3, 4], help="targets per frame (2-4)")
-    parser.add_argument("--height", type=int, default=616)
-    parser.add_argument("--width", type=int, default=820)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+def configure(parser: argparse.ArgumentParser) -> None:
+    from UltramotionIGTLib.tools.options import describe_from_doc, positive_int
 
+    describe_from_doc(parser, __doc__)
+    parser.add_argument(
+        "--frames",
+        type=positive_int,
+        default=300,
+        metavar="N",
+        help="timed frames for in-place and logic-copy (default 300)",
+    )
+    parser.add_argument(
+        "--naive-frames",
+        type=positive_int,
+        default=60,
+        metavar="N",
+        help="timed frames for naive (default 60)",
+    )
+    parser.add_argument(
+        "--segments",
+        type=positive_int,
+        nargs="+",
+        default=[2, 3, 4],
+        metavar="N",
+        help="targets (segments) per frame; one measurement per value (default 2 3 4)",
+    )
+    parser.add_argument(
+        "--height", type=positive_int, default=616, metavar="PX", help="frame rows (default 616)"
+    )
+    parser.add_argument(
+        "--width", type=positive_int, default=820, metavar="PX", help="frame columns (default 820)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def run(args: argparse.Namespace) -> int:
     import slicer
     import vtk
     from vtk.util import numpy_support
@@ -209,7 +236,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"benchmark": "mrml", "shape": list(shape), "rows": rows}, fh, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

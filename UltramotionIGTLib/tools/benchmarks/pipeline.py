@@ -10,43 +10,43 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
 
 import numpy as np
 
 from UltramotionIGTLib.tools.benchmarks.common import (
-    add_model_arguments,
+    add_bench_arguments,
     device_name,
     device_sync,
     load_frames,
-    load_models,
     table,
-    temp_dir,
     timed,
 )
 
 PATHS = ("legacy", "gpu_resident")
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ultramotion-igt bench pipeline", description=__doc__)
-    add_model_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    args = parser.parse_args(list(argv))
+def configure(parser: argparse.ArgumentParser) -> None:
+    from UltramotionIGTLib.tools.options import describe_from_doc
 
+    describe_from_doc(parser, __doc__)
+    add_bench_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.device import resolve_device
     from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator
     from UltramotionIGTLib.core.pipeline import PipelineConfig
     from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
     from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
+    from UltramotionIGTLib.tools.options import resolve_model_source
 
+    source = resolve_model_source(args)
     device = resolve_device(args.device)
     sync = device_sync(device)
-    frames, source = load_frames(args, args.frames + args.warmup)
-    with temp_dir() as tmp:
-        from pathlib import Path
-
-        detector, segmenter, models = load_models(args, device, Path(tmp))
+    frames, frames_source = load_frames(args, args.frames + args.warmup)
+    detector, segmenter = source.load(device)
+    models = source.describe()
     pipelines = {
         path: build_pipeline(detector, segmenter, PipelineConfig(device=str(device)), legacy=path == "legacy")
         for path in PATHS
@@ -75,7 +75,7 @@ def main(argv: Sequence[str]) -> int:
     report = {
         "device": device_name(device),
         "models": models,
-        "frames": source,
+        "frames": frames_source,
         "measured_frames": args.frames,
         "paths": {
             path: {
@@ -92,7 +92,7 @@ def main(argv: Sequence[str]) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(
-        f"device: {report['device']}\nmodels: {models}\nframes: {source}, {args.frames} measured per path "
+        f"device: {report['device']}\nmodels: {models}\nframes: {frames_source}, {args.frames} measured per path "
         f"(+{args.warmup} warm-up), paths interleaved frame by frame\n"
     )
     stages = [s for s in res["latency_ms"] if s != "end_to_end"] + ["end_to_end"]

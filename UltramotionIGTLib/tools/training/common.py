@@ -179,19 +179,52 @@ def add_training_arguments(
     parser: Any, *, steps: int, batch_size: int, lr: float, checkpoint_every: int, heldout_frames: int = 200
 ) -> None:
     """The options every ``ultramotion-igt train ...`` command takes (defaults differ per model)."""
-    parser.add_argument("--out", required=True, help="output folder (resumed if it holds training-state.pt)")
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    from UltramotionIGTLib.tools.options import add_device_argument, positive_int
+
     parser.add_argument(
-        "--heldout-frames", type=int, default=heldout_frames, help="0 skips the held-out metrics"
+        "--out", required=True, metavar="DIR", help="output folder (resumed if it holds training-state.pt)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=steps, metavar="N", help=f"optimiser steps (default {steps})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        metavar="B",
+        help=f"phantom frames per step (default {batch_size})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=lr, help=f"peak learning rate after the warm-up (default {lr:g})"
+    )
+    add_device_argument(
+        parser,
+        help_extra="; the shipped weights were trained with --device cpu --threads 1 (bit-exact reruns)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch/numpy seed: initial weights (and the box jitter of SAM prompts); the phantom batches "
+        "depend on the step only (default 0)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=checkpoint_every,
+        metavar="N",
+        help=f"write training-state.pt every N steps (default {checkpoint_every})",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--heldout-frames",
+        type=int,
+        default=heldout_frames,
+        metavar="N",
+        help=f"held-out frames evaluated at the end; 0 skips it (default {heldout_frames})",
     )
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def training_kwargs(ns: Any) -> dict[str, Any]:

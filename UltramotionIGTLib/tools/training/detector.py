@@ -1,7 +1,7 @@
 """Train the small demo D-FINE detector (vessel, needle) on the synthetic phantom.
 
-``ultramotion-igt train detector --out DIR [--steps N] [--batch-size B] [--lr LR] [--device ...]
-[--seed S] [--checkpoint-every N] [--threads T] [--no-resume]``
+``ultramotion-igt train detector --out DIR [--steps N] [--batch-size B] [--lr LR] [--device D]
+[--seed S] [--checkpoint-every N] [--threads T] [--heldout-frames N] [--no-resume] [--no-progress]``
 
 What the model sees is exactly what inference feeds it: phantom frames (`PhantomFramePool`, a pure
 function of the step) go through `detector.preprocess_frames` with the folder's `Preprocessing`.
@@ -61,11 +61,12 @@ from UltramotionIGTLib.tools.training.matcher import patched_transformers_matche
 
 __all__ = [
     "DEMO_DETECTOR_CONFIG",
+    "configure",
     "demo_detector_config",
     "detector_ap50",
     "frames_to_inputs",
-    "main",
     "recalibrate_batchnorm",
+    "run",
     "train_detector",
 ]
 
@@ -442,13 +443,16 @@ def _cli_args(out: Path, args: dict[str, Any], device: torch.device, threads: in
     return parts
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ultramotion-igt train detector",
-        description="Train the small demo D-FINE (vessel, needle) on the synthetic phantom.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Train the small demo D-FINE (vessel, needle) on the synthetic phantom; writes the EMA model as a "
+        "Hugging Face folder and training.json (held-out AP50 per class) into --out. Rerunning with the "
+        "same --out resumes from training-state.pt."
     )
     add_training_arguments(parser, steps=4000, batch_size=8, lr=6e-4, checkpoint_every=200)
-    ns = parser.parse_args(list(argv))
+
+
+def run(ns: argparse.Namespace) -> int:
     record = train_detector(Path(ns.out), **training_kwargs(ns))
     ap = record.get("heldout_ap50", {})
     print(

@@ -393,21 +393,19 @@ def train_sam(
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ultramotion-igt train sam",
-        description="Train the small demo SAM (vit_t_demo) on the synthetic phantom with jittered "
-        "ground-truth box prompts; writes sam_vit_t_demo.safetensors and training.json to --out.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Train the small demo SAM (vit_t_demo) on the synthetic phantom with jittered ground-truth box "
+        "prompts; writes sam_vit_t_demo.safetensors and training.json (held-out Dice with ground-truth "
+        "boxes) into --out. Rerunning with the same --out resumes from training-state.pt."
     )
     add_training_arguments(
-        p, steps=6000, batch_size=4, lr=1e-3, checkpoint_every=250, heldout_frames=HELDOUT_FRAMES
+        parser, steps=6000, batch_size=4, lr=1e-3, checkpoint_every=250, heldout_frames=HELDOUT_FRAMES
     )
-    return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(a: argparse.Namespace) -> int:
     """``ultramotion-igt train sam --out DIR [...]``; prints the held-out Dice. Returns 0."""
-    a = build_parser().parse_args(list(argv) if argv is not None else None)
     report = train_sam(a.out, **training_kwargs(a))
     env = report["environment"]
     print(
@@ -422,10 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "PromptJitter",
+    "configure",
     "jitter_boxes",
-    "main",
     "mask_losses",
     "preprocess_images",
+    "run",
     "sam_dice_with_gt_boxes",
     "scale_boxes",
     "train_sam",

@@ -1,0 +1,246 @@
+"""Command-line options several commands share, declared once, and the one function that resolves them.
+
+- `add_device_argument`: ``--device auto|cpu|cuda|cuda:N``, default ``auto`` for every command.
+- `add_model_arguments` + `resolve_model_source`: where a command's detector + SAM pair comes from,
+  ``--pack NAME|DIR|ZIP`` or ``--detector DIR --sam CKPT [--sam-type T]`` (or ``--random-models`` where
+  a command offers it), else the shipped demo pack (`UltramotionIGTLib.models.packs.models_root`).
+- `add_pipeline_arguments` + `pipeline_config_from_args`: the `PipelineConfig` knobs of ``run``,
+  ``demo`` and ``audit --runtime``.
+
+Nothing here imports torch at module scope: building the command-line tree must stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from UltramotionIGTLib.errors import CheckpointError, InputFileError, UsageError
+from UltramotionIGTLib.models.source import ModelSource, demo_missing_message
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+DEVICE_HELP = "auto (default: the first CUDA GPU if torch sees one, else the CPU) | cpu | cuda | cuda:N"
+SAM_TYPE_HELP = (
+    "SAM architecture of --sam: vit_b | vit_l | vit_h | vit_t_demo; default: from the checkpoint (the "
+    "config stored with it, else recognised from the tensor shapes)"
+)
+
+
+def device_spec(text: str) -> str:
+    """argparse ``type`` of ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (lower-cased).
+
+    Only the spelling is checked here; whether CUDA is there is `core.device.resolve_device`'s job
+    when the command runs (`DeviceUnavailableError`)."""
+    spec = text.strip().lower()
+    if not _DEVICE_RE.match(spec):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    return spec
+
+
+def describe_from_doc(parser: argparse.ArgumentParser, doc: str | None) -> None:
+    """Use a command module's docstring as its ``--help`` description, line breaks kept and the
+    reST backquotes dropped (the docstring is the one description of what the command does)."""
+    import inspect
+
+    parser.description = inspect.cleandoc(doc or "").replace("``", "").replace("`", "")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count that must be at least 1 (frames, repeats, boxes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_device_argument(parser: Any, help_extra: str = "") -> None:
+    """``--device`` (default ``auto``) on ``parser`` (a parser or an argument group)."""
+    parser.add_argument(
+        "--device", type=device_spec, default="auto", metavar="DEVICE", help=DEVICE_HELP + help_extra
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model source
+
+
+def add_model_arguments(parser: Any, *, required: bool = False, random_models: bool = False) -> None:
+    """The model-source options and ``--device``, in one "models" argument group of ``parser``.
+
+    ``--pack`` and ``--detector`` (and ``--random-models`` when ``random_models``) are mutually
+    exclusive; ``--sam`` and ``--sam-type`` go with ``--detector`` (checked by `resolve_model_source`,
+    which argparse cannot express). ``required``: one source must be named (argparse's error
+    otherwise); when False the shipped demo pack is the default.
+    """
+    default = "a model source is required" if required else "default: the shipped demo pack"
+    group = parser.add_argument_group(
+        "models",
+        f"a model pack, or a detector folder and a SAM checkpoint ({default})",
+    )
+    source = group.add_mutually_exclusive_group(required=required)
+    source.add_argument(
+        "--pack",
+        metavar="NAME|DIR|ZIP",
+        help="model pack: the name of an installed pack (ultramotion-igt models list; the shipped demo "
+        "pack is demo-phantom), a pack folder or a pack .zip; verified (sha256) before loading",
+    )
+    source.add_argument(
+        "--detector", metavar="DIR", help="D-FINE folder (config.json + model.safetensors), with --sam"
+    )
+    if random_models:
+        source.add_argument(
+            "--random-models",
+            action="store_true",
+            help="small random-weight models in the real formats, written to a temporary folder "
+            "(they find nothing meaningful; for counting hops and timing without a pack)",
+        )
+    group.add_argument(
+        "--sam",
+        metavar="CKPT",
+        help="SAM checkpoint, with --detector: official .pth state dict, .safetensors, or a folder holding one",
+    )
+    group.add_argument("--sam-type", metavar="TYPE", default=None, help=SAM_TYPE_HELP)
+    add_device_argument(group)
+
+
+def resolve_model_source(args: argparse.Namespace, *, check_files: bool = True) -> ModelSource:
+    """The `ModelSource` the options of `add_model_arguments` name.
+
+    Order: ``--pack`` (an installed pack's name, a folder, or a ``.zip`` unpacked into a temporary
+    folder kept alive by the returned source), ``--detector`` + ``--sam``, ``--random-models``
+    (written to a temporary folder), else the shipped demo pack. Raises `UsageError` for options that
+    do not go together (``--sam`` without ``--detector`` and the reverse, ``--sam-type`` without
+    ``--sam``), CheckpointError naming the pack that does not exist or cannot be read, and, when
+    ``check_files``, InputFileError naming a ``--detector`` folder or ``--sam`` file that does not
+    exist and CheckpointError when the demo pack is missing. With ``check_files=False`` paths are
+    returned as given (the doctor checks and reports them itself).
+    """
+    from UltramotionIGTLib.models import packs
+
+    pack = getattr(args, "pack", None)
+    detector = getattr(args, "detector", None)
+    sam = getattr(args, "sam", None)
+    sam_type = getattr(args, "sam_type", None)
+    random_models = getattr(args, "random_models", False)
+    if sam is not None and detector is None:
+        if pack is not None:
+            raise UsageError("--sam goes with --detector DIR, not with --pack (a pack names its own SAM)")
+        raise UsageError("--sam needs --detector DIR (the detector to pair it with)")
+    if detector is not None and sam is None:
+        raise UsageError("--detector needs --sam CKPT (the SAM checkpoint to pair it with)")
+    if sam_type is not None and sam is None:
+        raise UsageError("--sam-type goes with --sam (a pack's manifest names its SAM type)")
+
+    if pack is not None:
+        return _pack_source(str(pack), packs)
+    if detector is not None:
+        det, ckpt = Path(detector).expanduser(), Path(sam).expanduser()
+        if check_files:
+            if not det.is_dir():
+                raise InputFileError(f"--detector {det}: no such folder (a D-FINE folder with config.json)")
+            found = packs.find_sam_checkpoint(ckpt)
+            if found is None:
+                what = "folder has no .safetensors/.pth/.pt file" if ckpt.is_dir() else "no such file"
+                raise InputFileError(f"--sam {ckpt}: {what}")
+            ckpt = found
+        return ModelSource(det, ckpt, sam_type or "auto", "paths")
+    if random_models:
+        return _random_source()
+    root = packs.models_root()
+    if (root / packs.MANIFEST_NAME).is_file():
+        source = _pack_source(str(root), packs)
+        return ModelSource(source.detector, source.sam, source.sam_type, "demo", root, source.pack_name)
+    defaults = packs.default_models()
+    if check_files and (defaults["detector"] is None or defaults["sam"] is None):
+        raise CheckpointError(demo_missing_message())
+    return ModelSource(defaults["detector"], defaults["sam"], "auto", "demo")
+
+
+def _pack_source(pack: str, packs: Any) -> ModelSource:
+    path = Path(pack).expanduser()
+    keep = None
+    if path.is_file():
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"--pack {path}: neither a pack folder nor a .zip of one")
+        keep = tempfile.TemporaryDirectory(prefix="ultramotion-pack-")
+        root = packs.extract_pack_zip(path, Path(keep.name))
+    else:
+        root = packs.resolve_pack(pack)
+    manifest = packs.read_manifest(root)
+    det, seg = manifest.model("detector"), manifest.model("segmenter")
+    for role, spec in (("detector", det), ("segmenter", seg)):
+        if spec is None:
+            raise CheckpointError(f"pack {manifest.name!r} at {root} has no {role}; the pipeline needs both")
+    return ModelSource(
+        root / det.path, root / seg.path, seg.model_type or "auto", "pack", root, manifest.name, keep
+    )
+
+
+def _random_source() -> ModelSource:
+    from UltramotionIGTLib.core.detector import write_random_detector
+    from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
+
+    keep = tempfile.TemporaryDirectory(prefix="ultramotion-random-models-")
+    tmp = Path(keep.name)
+    det = write_random_detector(tmp / "detector", seed=0)
+    sam = write_random_sam_checkpoint(tmp / "sam" / "sam_vit_t_demo.safetensors", "vit_t_demo", seed=0)
+    return ModelSource(Path(det), Path(sam), "vit_t_demo", "random", keep=keep)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def add_pipeline_arguments(parser: Any) -> None:
+    """The `PipelineConfig` options of run, demo and audit --runtime, in a "pipeline" argument group."""
+    group = parser.add_argument_group("pipeline")
+    group.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.3,
+        metavar="S",
+        help="detections scoring below S are not prompted (default 0.3)",
+    )
+    group.add_argument(
+        "--max-targets",
+        type=int,
+        default=4,
+        metavar="N",
+        help="at most N box prompts per class per frame, best first after NMS (default 4)",
+    )
+    group.add_argument(
+        "--no-track", action="store_true", help="no tracker: target ids are not kept across frames"
+    )
+    group.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the in-house pipeline's habits, for comparison: gpu_resident=False, sam_as_numpy=True "
+        "(host hops per frame; tools/benchmarks/legacy.py)",
+    )
+
+
+def pipeline_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
+    """A `PipelineConfig` from `add_pipeline_arguments` and ``--device``; UsageError for bad values."""
+    from UltramotionIGTLib.core.pipeline import PipelineConfig
+
+    values = {
+        "device": args.device,
+        "score_threshold": args.score_threshold,
+        "max_targets_per_class": args.max_targets,
+        "track": not args.no_track,
+    }
+    values.update(overrides)
+    try:
+        return PipelineConfig(**values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
