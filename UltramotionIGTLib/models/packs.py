@@ -1060,7 +1060,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="")
     p.add_argument("--detector", default=None, help="detector folder relative to DIR (default: detector)")
     p.add_argument("--sam", default=None, help="SAM checkpoint relative to DIR (default: first in sam/)")
-    p.add_argument("--sam-type", default="auto", help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)")
+    p.add_argument(
+        "--sam-type",
+        default="auto",
+        help="vit_b | vit_l | vit_h | vit_t (MobileSAM) | medsam (MedSAM) | vit_t_demo | auto (default)",
+    )
     p.set_defaults(func=_cmd_manifest)
     p = sub.add_parser(
         "make",
@@ -1069,7 +1073,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--detector", default=None, help="HF D-FINE folder (config.json + model.safetensors)")
     p.add_argument("--sam", default=None, help="SAM checkpoint (.pth official, .safetensors)")
-    p.add_argument("--sam-type", default="auto", help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)")
+    p.add_argument(
+        "--sam-type",
+        default="auto",
+        help="vit_b | vit_l | vit_h | vit_t (MobileSAM) | medsam (MedSAM) | vit_t_demo | auto (default)",
+    )
     p.add_argument("--out", required=True, help="pack folder, or a .zip file")
     p.add_argument("--name", default=None, help="pack name (default: the --out name)")
     p.add_argument("--description", default="")
