@@ -500,7 +500,7 @@ def test_hq_sam_checkpoint_gets_one_line(tmp_path):
             load_sam(path, model_type=model_type, device="cpu")
         message = _one_line(excinfo)
         assert message.startswith(
-            f"{path} is an HQ-SAM (SAM-HQ) checkpoint (ViT, width 160, 4 blocks encoder;"
+            f"{path} is an HQ-SAM (SAM-HQ) checkpoint (SAM with a ViT (width 160, 4 blocks) image encoder"
         )
         assert "looks like" not in message and message.endswith(SUPPORTED_SAM_FORMATS)
 
@@ -595,6 +595,7 @@ def test_describe_sam_names_family_encoder_size_and_parameters(mobile_sam_checkp
     del demo.sam_config  # a bare model: its config is read off its shapes
     described = describe_sam(demo)
     assert described["model_type"] == "vit_t_demo" and described["input_size"] == [256, 256]
+    assert described["image_encoder"] == "ViT (width 160, 4 blocks)"
     assert json.loads(json.dumps(described)) == described
 
 

@@ -300,19 +300,20 @@ def _other_format_message(path: Path, read: _ReadCheckpoint) -> str | None:
         patch = sd.get("image_encoder.trunk.patch_embed.proj.weight")
         if patch is not None and patch.ndim == 4:
             width, blocks = int(patch.shape[0]), _count(sd, "image_encoder.trunk.blocks.{}.")
-            trunk = _HIERA_SIZES.get((width, blocks), f"Hiera, width {width}, {blocks} blocks")
+            trunk = _HIERA_SIZES.get((width, blocks), f"Hiera (width {width}, {blocks} blocks)")
         return (
             f"{path} is a {version} checkpoint ({trunk} image encoder with video memory modules): "
             f"SAM 2 models are not supported here; {SUPPORTED_SAM_FORMATS}"
         )
     if has_prefix("mask_decoder.hf_token.", "mask_decoder.hf_mlp.", "mask_decoder.compress_vit_feat."):
         try:
-            encoder = encoder_label(infer_sam_config(sd)) + " encoder"
+            encoder = f"a {encoder_label(infer_sam_config(sd))} image encoder"
         except (KeyError, ValueError, IndexError, ZeroDivisionError):
-            encoder = "unrecognised encoder"
+            encoder = "an unrecognised image encoder"
         return (
-            f"{path} is an HQ-SAM (SAM-HQ) checkpoint ({encoder}; its mask decoder has HQ-SAM's extra "
-            f"hf_token/hf_mlp/compress_vit_feat layers): HQ-SAM is not supported here; {SUPPORTED_SAM_FORMATS}"
+            f"{path} is an HQ-SAM (SAM-HQ) checkpoint (SAM with {encoder} and HQ-SAM's extra mask "
+            f"decoder layers hf_token/hf_mlp/compress_vit_feat): HQ-SAM is not supported here; "
+            f"{SUPPORTED_SAM_FORMATS}"
         )
     return None
 
@@ -403,9 +404,11 @@ def load_sam(
 
     ``model_type``: ``"auto"`` (config carried by the file, else recognised from the keys and shapes),
     a name in `SAM_CONFIGS` (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t`` (MobileSAM), ``medsam``,
-    ``vit_t_demo``) or a `SamConfig`. The model's config is attached as ``model.sam_config``. Raises `CheckpointError` naming the file for a missing,
-    truncated, corrupt or unsafe file and for keys/shapes that do not fit the type (saying what the
-    file looks like), `DeviceUnavailableError` for an unusable device.
+    ``vit_t_demo``) or a `SamConfig`. The model's config is attached as ``model.sam_config``. Raises
+    `CheckpointError` naming the file for a missing, truncated, corrupt or unsafe file, for keys/shapes
+    that do not fit the type (saying what the file looks like) and for formats not run here (SAM 2,
+    HQ-SAM, transformers: one line saying what the file is), `DeviceUnavailableError` for an unusable
+    device.
     """
     model, _ = load_sam_with_config(path, model_type, device)
     return model

@@ -500,7 +500,7 @@ def _describe_config(config: SamConfig) -> str:
 
 def encoder_label(config: SamConfig) -> str:
     """The image encoder's usual name: ``"ViT-B"``, ``"ViT-L"``, ``"ViT-H"``, ``"TinyViT-5M"`` ..., else
-    its sizes (``"ViT, width 160, 4 blocks"``)."""
+    its sizes (``"ViT (width 160, 4 blocks)"``)."""
     if config.image_encoder == "tiny_vit":
         named = {
             (64, 128, 160, 320): "TinyViT-5M",
@@ -510,10 +510,10 @@ def encoder_label(config: SamConfig) -> str:
         label = named.get(config.tiny_vit_embed_dims)
         if label and config.tiny_vit_depths == (2, 2, 6, 2):
             return label
-        return f"TinyViT, widths {list(config.tiny_vit_embed_dims)}, depths {list(config.tiny_vit_depths)}"
+        return f"TinyViT (widths {list(config.tiny_vit_embed_dims)}, depths {list(config.tiny_vit_depths)})"
     official = {(768, 12): "ViT-B", (1024, 24): "ViT-L", (1280, 32): "ViT-H"}
     label = official.get((config.encoder_embed_dim, config.encoder_depth))
-    return label or f"ViT, width {config.encoder_embed_dim}, {config.encoder_depth} blocks"
+    return label or f"ViT (width {config.encoder_embed_dim}, {config.encoder_depth} blocks)"
 
 
 def _looks_like(state_dict: dict[str, torch.Tensor]) -> str:
