@@ -104,9 +104,12 @@ class SamType(enum.Enum):
     VIT_B = "vit_b"
     VIT_L = "vit_l"
     VIT_H = "vit_h"
+    VIT_T = "vit_t"
+    MEDSAM = "medsam"
 
     def label(self):
-        return _("Auto (from checkpoint)") if self is SamType.AUTO else self.value
+        names = {"auto": _("Auto (from checkpoint)"), "vit_t": "vit_t (MobileSAM)", "medsam": "medsam (MedSAM)"}
+        return names.get(self.value, self.value)
 
 
 class Mode(enum.Enum):

@@ -51,6 +51,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from UltramotionIGTLib.errors import CheckpointError
+from UltramotionIGTLib.tools.options import SAM_TYPE_HELP
 
 MANIFEST_NAME = "manifest.json"
 PACK_FORMAT = "ultramotion-igt/model-pack"
@@ -1102,7 +1103,7 @@ def configure_manifest(parser: argparse.ArgumentParser) -> None:
         "--sam-type",
         default="auto",
         metavar="TYPE",
-        help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)",
+        help=SAM_TYPE_HELP,
     )
 
 
@@ -1123,7 +1124,7 @@ def configure_make(parser: argparse.ArgumentParser) -> None:
         "--sam-type",
         default="auto",
         metavar="TYPE",
-        help="vit_b | vit_l | vit_h | vit_t_demo | auto (default)",
+        help=SAM_TYPE_HELP,
     )
     parser.add_argument("--out", required=True, metavar="PACK", help="pack folder to create, or a .zip file")
     parser.add_argument("--name", default=None, help="pack name (default: the --out name)")

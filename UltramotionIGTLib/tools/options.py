@@ -25,8 +25,9 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 DEVICE_HELP = "auto (default: the first CUDA GPU if torch sees one, else the CPU) | cpu | cuda | cuda:N"
 SAM_TYPE_HELP = (
-    "SAM architecture of --sam: vit_b | vit_l | vit_h | vit_t_demo; default: from the checkpoint (the "
-    "config stored with it, else recognised from the tensor shapes)"
+    "SAM architecture of the checkpoint: vit_b | vit_l | vit_h (SAM) | vit_t (MobileSAM) | medsam (MedSAM "
+    "ViT-B) | vit_t_demo (the demo pack's small ViT); default auto: the config stored with the file, else "
+    "recognised from its tensor shapes (the registry is UltramotionIGTLib.core.sam.SAM_CONFIGS)"
 )
 
 

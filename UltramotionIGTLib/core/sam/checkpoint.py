@@ -10,11 +10,24 @@ Formats (`load_sam`, `save_sam_checkpoint`):
   "sam_config": JSON of SamConfig}``.
 * **``.pth`` + sidecar JSON**: a plain state dict ``NAME.pth`` next to ``NAME.json`` holding
   ``{"format": "ultramotion-igt/sam", "format_version": 1, "model_type": NAME, "sam_config": {...}}``.
+* **MobileSAM** ``mobile_sam.pt``: a plain state dict with the TinyViT encoder's keys
+  (``image_encoder.layers.*``), recognised as ``vit_t``.
+* **MedSAM**: the released ``medsam_vit_b.pth`` (a plain ViT-B state dict) or MedSAM's training
+  checkpoint ``{"model": state dict, "optimizer": ..., "epoch": ...}``. The keys are SAM ViT-B's, so
+  with ``model_type="auto"`` a ViT-B file is taken as MedSAM (its own preprocessing) when it has that
+  training wrapper or its file name contains ``medsam``; otherwise pass ``model_type="medsam"``.
 
-A config carried by the file (metadata or sidecar) defines the architecture; an explicit ``model_type``
-must then agree with its name. Files are recognised by their first bytes, not their suffix. Loading is
-safe by construction: ``torch.load(weights_only=True)`` or safetensors, never plain pickle; every
-problem is a `CheckpointError` naming the file.
+State dicts are also unwrapped from ``{"model": ...}`` / ``{"state_dict": ...}`` and from the
+``module.`` prefix of multi-GPU (DataParallel/DDP) training. A config carried by the file (metadata or
+sidecar) defines the architecture; an explicit ``model_type`` must then agree with its name; otherwise
+an explicit type wins over what the file looks like. Files are recognised by their first bytes, not
+their suffix. Loading is safe by construction: ``torch.load(weights_only=True)`` or safetensors, never
+plain pickle; every problem is a `CheckpointError` naming the file.
+
+Formats that are not run here get one line saying what the file is: SAM 2 / SAM 2.1 (``.pt`` with a
+``model`` dict of ``image_encoder.trunk.*`` keys), HQ-SAM (``mask_decoder.hf_token`` /
+``compress_vit_feat`` keys) and Hugging Face transformers models (``vision_encoder.*`` keys, or a
+folder whose ``config.json`` says ``model_type: sam``...).
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +45,16 @@ from segment_anything.modeling import Sam
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.sam.config import (
     _TYPE_ALIASES,
+    MEDSAM_TYPE,
+    MOBILE_SAM_TYPE,
     OFFICIAL_SAM_TYPES,
+    SAM_CONFIGS,
     SamConfig,
+    _count,
     _describe_config,
     _looks_like,
     build_sam_model,
+    encoder_label,
     get_sam_config,
     infer_sam_config,
 )
@@ -44,6 +62,19 @@ from UltramotionIGTLib.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "ultramotion-igt/sam"
 CHECKPOINT_FORMAT_VERSION = 1
+
+SUPPORTED_SAM_FORMATS = (
+    "supported: SAM vit_b/vit_l/vit_h .pth (Meta's releases), MobileSAM vit_t (mobile_sam.pt), "
+    "MedSAM ViT-B (medsam_vit_b.pth or its training checkpoint), and this project's .safetensors "
+    "or .pth + .json"
+)
+"""The tail of every 'this format is not run here' message."""
+
+# Types whose plain state dict is recognised from its keys and shapes alone (no sidecar needed).
+_RECOGNISED_FROM_SHAPES = (*OFFICIAL_SAM_TYPES, MOBILE_SAM_TYPE)
+
+# MedSAM's train_one_gpu.py / train_multi_gpus.py save {"model": ..., "optimizer": ..., "epoch": ...}.
+_MEDSAM_TRAINING_WRAPPER = ("epoch", "model", "optimizer")
 
 
 def sidecar_config_path(path: str | Path) -> Path:
@@ -69,7 +100,9 @@ def _sniff_format(path: Path) -> str:
     )
 
 
-def _read_torch_state_dict(path: Path) -> dict[str, Any]:
+def _read_torch_state_dict(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The state dict of a torch file and the sorted top-level keys of the dict it was wrapped in
+    (``()`` for a plain state dict)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -84,15 +117,24 @@ def _read_torch_state_dict(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"SAM checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {exc}): copy it again"
         ) from exc
+    wrapper: tuple[str, ...] = ()
     if isinstance(obj, dict):
-        for wrapper in ("model", "state_dict"):
-            inner = obj.get(wrapper)
+        for key in ("model", "state_dict"):
+            inner = obj.get(key)
             if isinstance(inner, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+                wrapper = tuple(sorted(str(k) for k in obj))
                 obj = inner
                 break
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a SAM state dict")
-    return obj
+    return obj, wrapper
+
+
+def _strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Keys without the ``module.`` that DataParallel/DistributedDataParallel put before every key."""
+    if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -122,26 +164,47 @@ def _config_from_record(record: dict[str, Any], source: Path) -> SamConfig:
     return config
 
 
-def read_sam_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], SamConfig | None]:
-    """Read a SAM checkpoint file into a CPU state dict and the config it carries (None if none).
+@dataclass
+class _ReadCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    carried: SamConfig | None  # config from the safetensors metadata or the sidecar JSON
+    wrapper: tuple[str, ...]  # sorted top-level keys around the state dict, () if plain
+    hf_model_type: str | None  # model_type of a Hugging Face config.json beside the file
 
-    Safe by construction: ``torch.load(weights_only=True)`` or safetensors. Raises `CheckpointError`
-    naming the file when it is missing, empty, truncated, corrupt, refused by safe loading, not a
-    state dict, or when its sidecar JSON is unreadable.
-    """
-    path = Path(path)
+
+def _hf_model_type(folder: Path) -> str | None:
+    """``model_type`` of a Hugging Face ``config.json`` in ``folder``, if there is a readable one."""
+    try:
+        record = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    model_type = record.get("model_type") if isinstance(record, dict) else None
+    return str(model_type) if model_type else None
+
+
+def _read_checkpoint(path: Path) -> _ReadCheckpoint:
     if not path.exists():
         raise CheckpointError(f"SAM checkpoint not found: {path}")
+    if path.is_dir():
+        model_type = _hf_model_type(path)
+        if model_type and _is_hf_sam_type(model_type):
+            raise CheckpointError(_hf_message(path, model_type))
+        what = f" (a Hugging Face {model_type!r} model folder)" if model_type else ""
+        raise CheckpointError(
+            f"SAM checkpoint {path} is a folder{what}, not a checkpoint file: pass the file itself"
+        )
     if not path.is_file():
         raise CheckpointError(f"SAM checkpoint {path} is not a file")
     kind = _sniff_format(path)
     config: SamConfig | None = None
+    wrapper: tuple[str, ...] = ()
     if kind == "safetensors":
         state_dict, metadata = _read_safetensors(path)
         if metadata.get("format") == CHECKPOINT_FORMAT and "sam_config" in metadata:
             config = _config_from_record(metadata, path)
     else:
-        state_dict = _read_torch_state_dict(path)
+        state_dict, wrapper = _read_torch_state_dict(path)
+    state_dict = _strip_module_prefix(state_dict)
     sidecar = sidecar_config_path(path)
     if config is None and sidecar != path and sidecar.is_file():
         try:
@@ -155,7 +218,109 @@ def read_sam_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], SamC
         raise CheckpointError(
             f"{path} is not a SAM state dict: {len(bad)} entries are not tensors (e.g. {bad[0]!r})"
         )
-    return state_dict, config
+    return _ReadCheckpoint(state_dict, config, wrapper, _hf_model_type(path.parent))
+
+
+def read_sam_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], SamConfig | None]:
+    """Read a SAM checkpoint file into a CPU state dict and the config it carries (None if none).
+
+    Safe by construction: ``torch.load(weights_only=True)`` or safetensors. Unwraps ``{"model": ...}``
+    / ``{"state_dict": ...}`` and the multi-GPU ``module.`` key prefix. Raises `CheckpointError`
+    naming the file when it is missing, a folder, empty, truncated, corrupt, refused by safe loading,
+    not a state dict, or when its sidecar JSON is unreadable.
+    """
+    read = _read_checkpoint(Path(path))
+    return read.state_dict, read.carried
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formats that are not run here: say what the file is
+# ---------------------------------------------------------------------------------------------------
+
+_HF_LABELS = {
+    "sam": "SAM",
+    "sam_hq": "HQ-SAM",
+    "sam2": "SAM 2",
+    "sam2_video": "SAM 2 (video)",
+    "sam3": "SAM 3",
+    "sam3_tracker": "SAM 3 tracker",
+    "sam3_video": "SAM 3 (video)",
+    "edgetam": "EdgeTAM",
+    "edgetam_video": "EdgeTAM (video)",
+}
+
+# Hiera trunks of the released SAM 2 / 2.1 models: (embed_dim, blocks) -> name.
+_HIERA_SIZES = {(96, 12): "Hiera-T", (96, 16): "Hiera-S", (112, 24): "Hiera-B+", (144, 48): "Hiera-L"}
+
+
+def _is_hf_sam_type(model_type: str) -> bool:
+    return model_type in _HF_LABELS or model_type.startswith(("sam", "edgetam"))
+
+
+def _hf_message(path: Path, model_type: str) -> str:
+    label = _HF_LABELS.get(model_type, model_type)
+    if model_type == "sam":
+        advice = (
+            "load Meta's original release instead (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or "
+            "sam_vit_h_4b8939.pth)"
+        )
+    else:
+        advice = f"{label} models are not supported here"
+    return (
+        f"{path} is a Hugging Face transformers {label} model (model_type {model_type!r}, "
+        f"vision_encoder.* keys), not an original checkpoint layout: {advice}; {SUPPORTED_SAM_FORMATS}"
+    )
+
+
+def _other_format_message(path: Path, read: _ReadCheckpoint) -> str | None:
+    """One line naming a SAM-like format that is not run here (SAM 2, HQ-SAM, transformers), else None."""
+    sd = read.state_dict
+    keys = list(sd)
+
+    def has_prefix(*prefixes: str) -> bool:
+        return any(key.startswith(prefixes) for key in keys)
+
+    if has_prefix("vision_encoder.", "shared_image_embedding."):
+        model_type = (
+            read.hf_model_type if read.hf_model_type and _is_hf_sam_type(read.hf_model_type) else None
+        )
+        if model_type is None:
+            if "mask_decoder.hq_token.weight" in sd:
+                model_type = "sam_hq"
+            elif has_prefix("vision_encoder.backbone.", "memory_attention.", "no_memory_embedding"):
+                model_type = "sam2"
+            else:
+                model_type = "sam"
+        return _hf_message(path, model_type)
+    if has_prefix("image_encoder.trunk.", "sam_mask_decoder.", "sam_prompt_encoder."):
+        version = "SAM 2.1" if ("no_obj_embed_spatial" in sd or "obj_ptr_tpos_proj.weight" in sd) else "SAM 2"
+        if has_prefix("sam_mask_decoder.hf_token."):
+            version = f"HQ-SAM 2 ({version} based)"
+        trunk = "Hiera"
+        patch = sd.get("image_encoder.trunk.patch_embed.proj.weight")
+        if patch is not None and patch.ndim == 4:
+            width, blocks = int(patch.shape[0]), _count(sd, "image_encoder.trunk.blocks.{}.")
+            trunk = _HIERA_SIZES.get((width, blocks), f"Hiera (width {width}, {blocks} blocks)")
+        return (
+            f"{path} is a {version} checkpoint ({trunk} image encoder with video memory modules): "
+            f"SAM 2 models are not supported here; {SUPPORTED_SAM_FORMATS}"
+        )
+    if has_prefix("mask_decoder.hf_token.", "mask_decoder.hf_mlp.", "mask_decoder.compress_vit_feat."):
+        try:
+            encoder = f"a {encoder_label(infer_sam_config(sd))} image encoder"
+        except (KeyError, ValueError, IndexError, ZeroDivisionError):
+            encoder = "an unrecognised image encoder"
+        return (
+            f"{path} is an HQ-SAM (SAM-HQ) checkpoint (SAM with {encoder} and HQ-SAM's extra mask "
+            f"decoder layers hf_token/hf_mlp/compress_vit_feat): HQ-SAM is not supported here; "
+            f"{SUPPORTED_SAM_FORMATS}"
+        )
+    return None
+
+
+def _looks_like_medsam(path: Path, read: _ReadCheckpoint) -> bool:
+    """MedSAM's weights have SAM ViT-B's keys: recognised by MedSAM's training wrapper or by the name."""
+    return read.wrapper == _MEDSAM_TRAINING_WRAPPER or "medsam" in path.name.lower()
 
 
 def _check_state_dict(model: Sam, state_dict: dict[str, torch.Tensor], config: SamConfig, path: Path) -> None:
@@ -186,9 +351,18 @@ def _check_state_dict(model: Sam, state_dict: dict[str, torch.Tensor], config: S
 def resolve_sam_checkpoint(
     path: str | Path, model_type: str | SamConfig = "auto"
 ) -> tuple[dict[str, torch.Tensor], SamConfig]:
-    """Read a checkpoint and decide its architecture (see the module docstring for the rules)."""
+    """Read a checkpoint and decide its architecture and preprocessing (rules: the module docstring).
+
+    Returns the CPU state dict (unwrapped) and the `SamConfig`. Raises `CheckpointError` with one
+    line naming the file for unreadable files, formats that are not run here (SAM 2, HQ-SAM,
+    transformers), types that contradict the file's own config, and files that are not SAM.
+    """
     path = Path(path)
-    state_dict, carried = read_sam_checkpoint(path)
+    read = _read_checkpoint(path)
+    other = _other_format_message(path, read)
+    if other is not None:
+        raise CheckpointError(other)
+    state_dict, carried = read.state_dict, read.carried
     if carried is not None:
         if isinstance(model_type, SamConfig):
             if not model_type.same_architecture(carried):
@@ -211,6 +385,8 @@ def resolve_sam_checkpoint(
             f"{path} does not look like a SAM state dict (no usable {exc}): expected keys like "
             "image_encoder.patch_embed.proj.weight"
         ) from exc
+    if config.name == "vit_b" and _looks_like_medsam(path, read):
+        config = SAM_CONFIGS[MEDSAM_TYPE]
     if config.name == "custom":
         raise CheckpointError(
             f"SAM checkpoint {path} is a custom config ({_describe_config(config)}) but carries no config: "
@@ -226,11 +402,13 @@ def load_sam(
 ) -> Sam:
     """Load a SAM checkpoint into a `Sam` model in eval mode on ``device``.
 
-    ``model_type``: ``"auto"`` (config carried by the file, else recognised from the shapes), a name
-    in `SAM_CONFIGS` (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t_demo``) or a `SamConfig`. The model's
-    config is attached as ``model.sam_config``. Raises `CheckpointError` naming the file for a missing,
-    truncated, corrupt or unsafe file and for keys/shapes that do not fit the type (saying what the
-    file looks like), `DeviceUnavailableError` for an unusable device.
+    ``model_type``: ``"auto"`` (config carried by the file, else recognised from the keys and shapes),
+    a name in `SAM_CONFIGS` (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t`` (MobileSAM), ``medsam``,
+    ``vit_t_demo``) or a `SamConfig`. The model's config is attached as ``model.sam_config``. Raises
+    `CheckpointError` naming the file for a missing, truncated, corrupt or unsafe file, for keys/shapes
+    that do not fit the type (saying what the file looks like) and for formats not run here (SAM 2,
+    HQ-SAM, transformers: one line saying what the file is), `DeviceUnavailableError` for an unusable
+    device.
     """
     model, _ = load_sam_with_config(path, model_type, device)
     return model
@@ -249,6 +427,7 @@ def load_sam_with_config(
     _check_state_dict(model, state_dict, config, path)
     model.load_state_dict(state_dict, strict=True)
     model.sam_config = config
+    # eval() after loading: TinyViT caches its attention biases from the weights in eval().
     return model.to(target).eval(), config
 
 
@@ -258,8 +437,9 @@ def save_sam_checkpoint(
     """Write ``model``'s weights in one of the formats `load_sam` reads, chosen by the suffix.
 
     ``.safetensors``: state dict + config in the metadata (plus ``metadata``, string values).
-    Anything else (``.pth``): a plain state dict (``torch.save``); for a config that is not an
-    official type, the sidecar ``NAME.json`` with the config is written too. Returns ``path``.
+    Anything else (``.pth``): a plain state dict (``torch.save``); for a config that is not recognised
+    from its shapes alone (anything but vit_b/l/h and MobileSAM's vit_t; MedSAM included, for its
+    preprocessing), the sidecar ``NAME.json`` with the config is written too. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +465,9 @@ def save_sam_checkpoint(
         save_file(state_dict, str(path), metadata=meta)
     else:
         torch.save(state_dict, path)
-        if config.name not in OFFICIAL_SAM_TYPES:
+        if not (
+            config.name in _RECOGNISED_FROM_SHAPES and config.same_architecture(SAM_CONFIGS[config.name])
+        ):
             if metadata:
                 record["metadata"] = dict(metadata)
             sidecar_config_path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -308,7 +490,7 @@ def random_sam_model(model_type: str | SamConfig = "vit_t_demo", seed: int = 0) 
                 if not param.any():
                     param.normal_(0.0, 0.02)
     model.sam_config = config
-    return model
+    return model.eval()  # again: TinyViT caches its attention biases from the weights in eval()
 
 
 def write_random_sam_checkpoint(
@@ -316,8 +498,8 @@ def write_random_sam_checkpoint(
 ) -> Path:
     """Write a random-weight SAM (`random_sam_model`) in the real format chosen by the suffix.
 
-    For tests and ``make-test-models``: ``.pth`` for an official type is exactly the official layout
-    (a plain state dict); ``.pth`` for other types also writes the sidecar JSON; ``.safetensors``
+    For tests and ``make-test-models``: ``.pth`` for vit_b/l/h and vit_t is exactly the official
+    layout (a plain state dict); ``.pth`` for other types also writes the sidecar JSON; ``.safetensors``
     embeds the config. Returns ``path``.
     """
     config = get_sam_config(model_type)

@@ -2,7 +2,8 @@
 
 ``segment_anything``'s ViT attention rebuilds its relative-position index with ``torch.arange`` on the
 host in every block (a blocking host-to-device copy per block on CUDA); `make_encoder_device_resident`
-caches the index on the device instead. Numerically identical.
+caches the index on the device instead. Numerically identical. MobileSAM's TinyViT needs nothing: its
+attention biases are gathered once, into a buffer on the model's device, when it is put in eval mode.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def _resident_attention_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def make_encoder_device_resident(model: Sam) -> Sam:
     """Give every relative-position attention block of ``model``'s image encoder a forward whose index
-    tensors live on the device (see `_resident_attention_forward`). Numerically identical; in place."""
+    tensors live on the device (see `_resident_attention_forward`). Numerically identical; in place.
+    Encoders without such blocks (TinyViT) are left as they are."""
     import types
 
-    for block in model.image_encoder.blocks:
+    for block in getattr(model.image_encoder, "blocks", ()):
         attn = block.attn
         if getattr(attn, "use_rel_pos", False) and not hasattr(attn, "_ultramotion_rel_index"):
             attn._ultramotion_rel_index = {}

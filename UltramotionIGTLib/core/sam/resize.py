@@ -1,9 +1,13 @@
-"""Device-side SAM image preprocessing, bit-exact with ``ResizeLongestSide.apply_image`` (Pillow
-bilinear with antialiasing): the taps are computed once per (input size, output size) on the host and
-uploaded; every frame is then resized with integer tensor ops on its own device.
+"""Device-side SAM image preprocessing, one per family's recipe.
 
-Source of the arithmetic: Pillow ``src/libImaging/Resample.c`` (``precompute_coeffs``,
-``normalize_coeffs_8bpc``, and the pass order of ``ImagingResample``).
+SAM and MobileSAM: bit-exact with ``ResizeLongestSide.apply_image`` (Pillow bilinear with
+antialiasing): the taps are computed once per (input size, output size) on the host and uploaded;
+every frame is then resized with integer tensor ops on its own device. Source of the arithmetic:
+Pillow ``src/libImaging/Resample.c`` (``precompute_coeffs``, ``normalize_coeffs_8bpc``, and the pass
+order of ``ImagingResample``).
+
+MedSAM: the square bicubic resize of ``skimage.transform.resize`` and min-max scaling
+(`_SquareResizeTables`, `resize_square_medsam`), as float64 matmuls with per-size matrices.
 """
 
 from __future__ import annotations
@@ -158,3 +162,90 @@ def resize_longest_side_uint8(image: torch.Tensor, long_side: int) -> torch.Tens
     """
     out_hw = get_preprocess_shape(image.shape[-2], image.shape[-1], long_side)
     return _ResizeTables(tuple(image.shape[-2:]), out_hw, image.device).apply(image)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MedSAM: square bicubic resize (skimage), on the device
+# ---------------------------------------------------------------------------------------------------
+
+
+def _skimage_cubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``out_size x in_size`` float64: ``skimage.transform.resize(order=3, mode="reflect",
+    anti_aliasing=True)`` along one axis, as a matrix.
+
+    skimage (``transform/_warps.py::resize``) smooths with a Gaussian of sigma ``max(0, (in/out - 1) / 2)``
+    (``scipy.ndimage.gaussian_filter``, mode ``"mirror"``, truncate 4) and then calls
+    ``scipy.ndimage.zoom(order=3, mode="mirror", grid_mode=True)``: both are linear and act on each
+    axis alone, so applying them to the identity (rows = samples) gives the matrix. The spline
+    evaluated at the untouched axis' own nodes is the identity up to rounding.
+    """
+    from scipy import ndimage
+
+    basis = np.eye(in_size)
+    sigma = max(0.0, (in_size / out_size - 1.0) / 2.0)
+    if sigma > 0:
+        basis = ndimage.gaussian_filter1d(basis, sigma, axis=0, mode="mirror")
+    matrix = ndimage.zoom(basis, (out_size / in_size, 1.0), order=3, mode="mirror", grid_mode=True)
+    if matrix.shape != (out_size, in_size):  # zoom rounds the output shape; never seen off, but be sure
+        raise ValueError(f"resize matrix {matrix.shape} for {in_size} -> {out_size}")
+    return matrix
+
+
+class _SquareResizeTables:
+    """MedSAM's image preprocessing for one input size, on the device.
+
+    Source: bowang-lab/MedSAM ``MedSAM_Inference.py`` (the recipe its released weights expect): the
+    HxWx3 uint8 image resized to SxS with ``skimage.transform.resize`` (order 3, preserve_range,
+    anti-aliasing) and cast to uint8; minus its minimum, divided by max(max - min, 1e-8); float32,
+    permuted to 1x3xSxS. No mean/std, no padding.
+
+    Here the resize is two float64 matmuls with the per-axis matrices of `_skimage_cubic_matrix`
+    (built once per input size on the host with scipy, then uploaded), followed by skimage's clip to
+    the input's range and the truncating cast to integers; the min-max scaling divides in float64
+    before the float32 cast, like numpy. Per frame: device ops only, no host sync.
+
+    The truncating cast is ill-conditioned where the exact resized value is an integer (flat regions):
+    skimage's own float noise (~1e-13) sometimes lands just below the integer there and truncates one
+    grey level down. Our sums round differently, so values within 1e-9 below an integer are taken as
+    that integer (the exact-arithmetic result). Measured on the PLUS recordings: gray B-mode frames
+    equal the recipe bit for bit; a colour frame with a flat white background differs by one grey
+    level at 3-7 % of its pixels, all where skimage's value lies within 1e-6 of an integer.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], size: int, device: torch.device) -> None:
+        self.size = int(size)
+        rows = _skimage_cubic_matrix(in_hw[0], size)
+        cols = _skimage_cubic_matrix(in_hw[1], size)
+        self.rows = torch.from_numpy(rows).to(device)
+        self.cols_t = torch.from_numpy(np.ascontiguousarray(cols.T)).to(device)
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        """CxHxW uint8 -> CxSxS float64 holding the recipe's uint8 values (its resize and cast)."""
+        x = image.to(torch.float64)
+        lo, hi = x.amin(), x.amax()
+        resized = torch.matmul(torch.matmul(self.rows, x), self.cols_t)
+        # skimage clips to the input's range; astype(uint8) truncates (1e-9: see the class docstring).
+        return resized.clamp_(lo, hi).add_(1e-9).trunc_()
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        """CxHxW uint8 (C = 1 gray, or 3 RGB) -> 1x3xSxS float32 in 0..1, the image encoder's input.
+
+        The result is laid out like the recipe's ``HxWx3`` tensor permuted to ``3xHxW`` (channels
+        last in memory), so the encoder runs the same kernels and gives the same embedding.
+        """
+        resized = self.resize(image)
+        lo, hi = resized.amin(), resized.amax()
+        scaled = ((resized - lo) / (hi - lo).clamp_(min=1e-8)).to(torch.float32)
+        hwc = scaled.permute(1, 2, 0).expand(self.size, self.size, 3).contiguous()
+        return hwc.permute(2, 0, 1)[None]
+
+
+def resize_square_medsam(image: torch.Tensor, size: int) -> torch.Tensor:
+    """MedSAM's preprocessing of a CxHxW uint8 tensor (C = 1 or 3) on its own device: 1x3xSxS float32.
+
+    ``skimage.transform.resize(img, (size, size), order=3, preserve_range=True,
+    anti_aliasing=True).astype(np.uint8)`` then min-max scaling to 0..1, on the device; equal up to
+    one grey level where skimage's own rounding noise flips its truncating cast (see
+    `_SquareResizeTables`).
+    """
+    return _SquareResizeTables(tuple(image.shape[-2:]), size, image.device).apply(image)

@@ -10,6 +10,13 @@ What it adds to the official ``segment_anything`` `SamPredictor`:
   last bits of the logits, i.e. only at pixels whose logit is within ~1e-6 of the threshold);
 * all N boxes of a frame go through ONE prompt-encoder + mask-decoder call, and the outputs
   (`SamOutput`: masks, mask probabilities, IoU scores) stay on the device: no host sync.
+
+Each family keeps the recipe its weights were trained with (`SamConfig.preprocessing`): SAM and
+MobileSAM (TinyViT encoder) as above, equal to their packages' ``SamPredictor``; MedSAM as its
+published inference (bowang-lab/MedSAM ``MedSAM_Inference.py``): the frame resized to the encoder's
+square input (skimage bicubic, `UltramotionIGTLib.core.sam.resize._SquareResizeTables`) and min-max
+scaled, boxes scaled by ``image_size / (W, H)``, masks = bilinear resize of the low-resolution
+probabilities straight to the frame, thresholded at 0.5.
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.sam.checkpoint import load_sam_with_config
 from UltramotionIGTLib.core.sam.config import SamConfig
 from UltramotionIGTLib.core.sam.encoder import make_encoder_device_resident
-from UltramotionIGTLib.core.sam.resize import _ResizeTables, get_preprocess_shape
+from UltramotionIGTLib.core.sam.resize import _ResizeTables, _SquareResizeTables, get_preprocess_shape
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 
 
@@ -34,8 +42,9 @@ from UltramotionIGTLib.errors import UnsupportedImageTypeError
 class SamOutput:
     """Masks for N box prompts, at the original image size (HxW).
 
-    masks: NxHxW bool (logit > 0); mask_probs: NxHxW float32 (sigmoid of the upscaled logits);
-    iou_scores: N float32 (the decoder's predicted IoU). Device tensors from the resident path,
+    masks: NxHxW bool (logit > 0); mask_probs: NxHxW float32 (sigmoid of the upscaled logits; for
+    MedSAM the upscaled low-resolution sigmoid, masks = probs > 0.5); iou_scores: N float32 (the
+    decoder's predicted IoU). Device tensors from the resident path,
     numpy arrays from ``as_numpy=True``.
     """
 
@@ -68,10 +77,12 @@ class SamSegmenter:
         out.masks, out.mask_probs, out.iou_scores    # NxHxW bool, NxHxW float32, N float32 (device)
 
     Same weights, same results as the official ``SamPredictor.set_image(rgb); predict(box=b,
-    multimask_output=False)``: bit-equal embedding, bit-equal masks for one box per call; in a batch
-    the logits may differ in the last bits (masks only at pixels within ~1e-6 of the threshold).
-    The resident path makes no host sync; the first image of a new size uploads its resize tables
-    once (kept for the last few sizes).
+    multimask_output=False)`` (segment_anything's for SAM, the ``mobile_sam`` package's for MobileSAM):
+    bit-equal embedding, bit-equal masks for one box per call; in a batch the logits may differ in
+    the last bits (masks only at pixels within ~1e-6 of the threshold). A MedSAM model follows
+    MedSAM's published inference instead (see the module docstring). The resident path makes no host
+    sync; the first image of a new size builds and uploads its resize tables once (kept for the last
+    few sizes).
     """
 
     def __init__(
@@ -80,10 +91,11 @@ class SamSegmenter:
         self.device = resolve_device(device) if device is not None else torch.device(model.device)
         self.model = make_encoder_device_resident(model.to(self.device).eval())
         self.config = config or getattr(model, "sam_config", None)
+        self.preprocessing = getattr(self.config, "preprocessing", "sam")
         self.image_size = int(model.image_encoder.img_size)
         with torch.inference_mode():
             self._image_pe = self.model.prompt_encoder.get_dense_pe()
-        self._tables: dict[tuple[int, int], _ResizeTables] = {}
+        self._tables: dict[tuple[int, int], _ResizeTables | _SquareResizeTables] = {}
         self.reset_image()
 
     @classmethod
@@ -153,23 +165,35 @@ class SamSegmenter:
         """Compute and keep the image embedding of one frame.
 
         ``image``: HxW (gray, replicated to RGB) or HxWx3 RGB, uint8 (float is taken as 0..255), on
-        ``self.device`` (a host tensor/array is copied there once). Resize of the longest side to
-        ``image_size``, normalisation and padding run on the device, bit-exactly like the official
-        `SamPredictor.set_image`.
+        ``self.device`` (a host tensor/array is copied there once). The family's preprocessing runs on
+        the device: SAM/MobileSAM resize the longest side to ``image_size``, normalise and pad,
+        bit-exactly like the official `SamPredictor.set_image`; MedSAM resizes to ``image_size``
+        square and min-max scales, like its published inference.
         """
         with torch.inference_mode():
             chw = self._as_chw_uint8(image)
             in_hw = (int(chw.shape[-2]), int(chw.shape[-1]))
-            out_hw = get_preprocess_shape(in_hw[0], in_hw[1], self.image_size)
+            medsam = self.preprocessing == "medsam"
+            if medsam:
+                out_hw = (self.image_size, self.image_size)
+            else:
+                out_hw = get_preprocess_shape(in_hw[0], in_hw[1], self.image_size)
             tables = self._tables.get(in_hw)
             if tables is None:
                 if len(self._tables) >= 8:
                     self._tables.clear()
-                tables = self._tables[in_hw] = _ResizeTables(in_hw, out_hw, self.device)
-            resized = tables.apply(chw)
-            if resized.shape[0] == 1:
-                resized = resized.expand(3, -1, -1)
-            features = self.model.image_encoder(self.model.preprocess(resized[None]))
+                if medsam:
+                    tables = _SquareResizeTables(in_hw, self.image_size, self.device)
+                else:
+                    tables = _ResizeTables(in_hw, out_hw, self.device)
+                self._tables[in_hw] = tables
+            if medsam:
+                features = self.model.image_encoder(tables.apply(chw))
+            else:
+                resized = tables.apply(chw)
+                if resized.shape[0] == 1:
+                    resized = resized.expand(3, -1, -1)
+                features = self.model.image_encoder(self.model.preprocess(resized[None]))
         self._features = features
         self._original_size = in_hw
         self._input_size = out_hw
@@ -223,10 +247,14 @@ class SamSegmenter:
     ) -> SamOutput:
         old_h, old_w = self._original_size
         new_h, new_w = self._input_size
-        # float64 like ResizeLongestSide.apply_boxes (numpy), then float32 like SamPredictor.predict.
+        medsam = self.preprocessing == "medsam"
+        # float64 like the official transforms (numpy), then float32 like their predictors.
         corners = torch.nan_to_num(boxes.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).reshape(-1, 2, 2)
-        corners = torch.stack([corners[..., 0] * (new_w / old_w), corners[..., 1] * (new_h / old_h)], dim=-1)
-        box_input = corners.reshape(-1, 4).to(torch.float32)
+        if medsam:  # MedSAM: box / [W, H, W, H] * image_size
+            x, y = corners[..., 0] / old_w * new_w, corners[..., 1] / old_h * new_h
+        else:  # ResizeLongestSide.apply_boxes
+            x, y = corners[..., 0] * (new_w / old_w), corners[..., 1] * (new_h / old_h)
+        box_input = torch.stack([x, y], dim=-1).reshape(-1, 4).to(torch.float32)
 
         sparse, dense = self.model.prompt_encoder(points=None, boxes=box_input, masks=None)
         low_res, iou = self.model.mask_decoder(
@@ -240,9 +268,17 @@ class SamSegmenter:
             best = iou.argmax(dim=1, keepdim=True)
             low_res = low_res.gather(1, best[:, :, None, None].expand(-1, 1, *low_res.shape[-2:]))
             iou = iou.gather(1, best)
-        logits = self.model.postprocess_masks(low_res, self._input_size, self._original_size)[:, 0]
-        masks = logits > self.model.mask_threshold
-        probs = logits.sigmoid_()  # in place: the logits are not returned, and NxHxW is the big buffer
+        if medsam:
+            # MedSAM's inference: sigmoid at low resolution, bilinear straight to the frame, > 0.5.
+            probs = F.interpolate(
+                low_res.sigmoid(), self._original_size, mode="bilinear", align_corners=False
+            )
+            probs = probs[:, 0]
+            masks = probs > 0.5
+        else:
+            logits = self.model.postprocess_masks(low_res, self._input_size, self._original_size)[:, 0]
+            masks = logits > self.model.mask_threshold
+            probs = logits.sigmoid_()  # in place: the logits are not returned, and NxHxW is the big buffer
         scores = iou[:, 0].to(torch.float32)
         if valid is not None:
             keep = torch.as_tensor(valid).to(self.device, non_blocking=True).to(torch.bool).reshape(-1)
