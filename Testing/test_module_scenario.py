@@ -1,8 +1,9 @@
 """The module's self-test scenario (`UltramotionIGTTest.test_LiveSyntheticStream` in
 UltramotionIGT/UltramotionIGT.py), run in pytest against slicer-core (real MRML, no Qt).
 
-The module's logic needs Slicer's Qt layer (ScriptedLoadableModule, parameterNodeWrapper), which
-slicer-core does not have; its frame path is thin, though: ``Pipeline.from_paths`` ->
+Testing/test_slicer_module.py runs the self-test itself, with the real logic, on Slicer's Python
+layer (../shared/slicer-python). This test keeps the same chain visible without that layer; the
+frame path is thin: ``Pipeline.from_paths`` ->
 ``LiveSession(process_frame = pipeline.process_frame(...).to_host())`` -> ``process_pending()`` per
 timer tick, with a `KpiTracker` as KPI sink and the indicator texts from
 `UltramotionIGTLib.slicer.indicators`. This test builds exactly that chain and drives it step by step with
