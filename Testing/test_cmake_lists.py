@@ -37,9 +37,10 @@ def strip_comments(text: str) -> str:
 
 
 def commands(text: str, name: str) -> list[list[str]]:
-    """Arguments of every ``name(...)`` call (no nested parentheses in these files)."""
+    """Arguments of every ``name(...)`` call (parentheses only inside quoted arguments in these files)."""
     found = []
-    for match in re.finditer(rf"\b{name}\s*\(([^)]*)\)", strip_comments(text), flags=re.IGNORECASE):
+    pattern = rf'\b{name}\s*\(((?:"[^"]*"|[^")])*)\)'
+    for match in re.finditer(pattern, strip_comments(text), flags=re.IGNORECASE):
         found.append(re.findall(r'"[^"]*"|[^\s"]+', match.group(1)))
     return found
 
@@ -101,7 +102,10 @@ def test_extension_metadata(top):
     ):
         assert v.get(key) and all(v[key]), f"{key} is missing or empty"
     assert v["EXTENSION_CATEGORY"] == ["Ultrasound"]
-    assert v["EXTENSION_CONTRIBUTORS"] == ["UltramotionIGT team"]
+    # the Extensions Index lists contributors as "Name (Affiliation)", comma-separated
+    (contributors,) = v["EXTENSION_CONTRIBUTORS"]
+    for contributor in contributors.split(","):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor.strip()), contributor
     assert "PyTorch" in v["EXTENSION_DEPENDS"]
     assert v["EXTENSION_HOMEPAGE"][0].startswith("https://github.com/")
     for url in v["EXTENSION_ICONURL"] + v["EXTENSION_SCREENSHOTURLS"]:
@@ -111,6 +115,37 @@ def test_extension_metadata(top):
     assert (MODULE_DIR / "CMakeLists.txt").is_file()
     assert re.search(r"include\(\$\{Slicer_USE_FILE\}\)", top)
     assert re.search(r"include\(\$\{Slicer_EXTENSION_CPACK\}\)", top)
+
+
+def test_minimum_slicer_version_is_the_modules(top):
+    """CMake refuses an older Slicer at configure time; the module says the same at start-up."""
+    v = variables(top)
+    (minimum,) = v["UltramotionIGT_MINIMUM_SLICER_VERSION"]
+    module_tree = ast.parse((MODULE_DIR / "UltramotionIGT.py").read_text(encoding="utf-8"))
+    (assigned,) = [
+        node.value
+        for node in module_tree.body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "MINIMUM_SLICER_VERSION"
+    ]
+    assert minimum == ".".join(str(part) for part in ast.literal_eval(assigned))
+    assert re.search(
+        r'if\("\$\{Slicer_VERSION_MAJOR\}\.\$\{Slicer_VERSION_MINOR\}" VERSION_LESS '
+        r'"\$\{UltramotionIGT_MINIMUM_SLICER_VERSION\}"\)\s*message\(FATAL_ERROR',
+        strip_comments(top),
+    )
+
+
+def test_licence_and_readme_are_the_repositorys_and_ship(top):
+    v = variables(top)
+    assert v["EXTENSION_LICENSE_FILE"] == ["${CMAKE_CURRENT_SOURCE_DIR}/LICENSE"]
+    assert v["EXTENSION_README_FILE"] == ["${CMAKE_CURRENT_SOURCE_DIR}/README.md"]
+    assert (REPO / "LICENSE").is_file() and (REPO / "README.md").is_file()
+    assert "BSD 3-Clause License" in (REPO / "LICENSE").read_text(encoding="utf-8")
+    # installed beside the module and the library (the package's files, not only CPack's licence page)
+    assert v["UltramotionIGT_LICENSE_FILES"] == ["LICENSE"]
+    (call,) = commands(top, "ctkMacroCompilePythonScript")
+    resources = call[call.index("RESOURCES") + 1]
+    assert "${UltramotionIGT_LICENSE_FILES}" in resources
 
 
 def test_icon_url_points_at_the_icon_in_this_repository(top):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -88,6 +89,36 @@ def imported_modules(node: ast.AST) -> list[str]:
 
 def test_module_compiles(source):
     compile(source, str(MODULE), "exec")
+
+
+def test_module_imports_on_python_3_9(source, tree):
+    """Slicer < 5.10 runs Python 3.9: the file must import there, to show the minimum-version message.
+
+    Python 3.9 grammar; no PEP 604 ``X | Y`` in annotations (evaluated when a function or the
+    parameter node class is defined: TypeError on 3.9); no ``zip(strict=)`` (3.10).
+    """
+    ast.parse(source, feature_version=(3, 9))
+    problems = []
+    for node in ast.walk(tree):
+        annotations = []
+        if isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            every = args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]
+            annotations += [a.annotation for a in every if a is not None and a.annotation is not None]
+            if node.returns is not None:
+                annotations.append(node.returns)
+        for annotation in annotations:
+            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)):
+                problems.append(f"line {annotation.lineno}: {ast.unparse(annotation)}")
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "zip":
+            if any(k.arg == "strict" for k in node.keywords):
+                problems.append(f"line {node.lineno}: zip(strict=)")
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            problems.append(f"line {node.lineno}: from __future__ (the parameter node's hints are evaluated)")
+    assert not problems, "not Python 3.9: " + ", ".join(problems)
+    assert "MINIMUM_SLICER_VERSION = (5, 10)" in source
 
 
 def test_no_heavy_import_at_module_scope(tree):
@@ -174,6 +205,10 @@ def test_parameter_node_is_typed(tree):
         assert fields[name] in enums, f"{name} should be an Enum, is {fields[name]}"
     assert fields["detectorFolder"] == "Path" and fields["samCheckpoint"] == "Path"
     assert "vtkMRMLSegmentationNode" in fields["outputSegmentation"]
+    # a Union of node types must admit None: the wrapper writes None as a node parameter's default
+    for name, annotation in fields.items():
+        if "Union[" in annotation or "|" in annotation:
+            assert annotation.startswith("Optional[") or "None" in annotation, f"{name}: {annotation}"
 
 
 def test_logic_never_opens_dialogs_or_holds_the_widget(tree):
@@ -198,10 +233,13 @@ def test_installs_go_through_the_pytorch_extension_and_slicer_packaging(source, 
     assert "PyTorchUtils.PyTorchUtilsLogic()" in logic_src
     assert "installTorch(askConfirmation=False" in logic_src
     assert "pip_ensure(" in logic_src and "pip_install(" in logic_src
-    # never pip-install torch itself
+    assert "downloadAndInstallExtensionByName(" in logic_src, "a missing PyTorch extension is installed"
+    # never pip-install torch itself: no torch requirement string here (they come from the library's
+    # list, and the torch ones go to PyTorchUtils)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("torch"):
-            assert node.value in ("torch", "torchvision"), node.value
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert not re.match(r"torch(vision)?\s*[<>=!~]", node.value), node.value
+    assert "PYTORCH_DISTRIBUTIONS" in logic_src
     widget_src = ast.unparse(classes(tree)["UltramotionIGTWidget"])
     assert "confirmOkCancelDisplay" in widget_src, "the widget asks before installing"
     install_error = classes(tree)["InstallError"]

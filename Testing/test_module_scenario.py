@@ -3,7 +3,8 @@ UltramotionIGT/UltramotionIGT.py), run in pytest against slicer-core (real MRML,
 
 The module's logic maps its parameter node to the library's `SessionController` and copies state and
 indicator texts back; this test drives that same controller step by step, with the same synthetic
-stream, geometry, producer pattern and checks as the self-test.
+stream, geometry, producer pattern and checks as the self-test. Testing/test_slicer_module.py runs
+the self-test itself, with the real logic, on Slicer's Python layer (../shared/slicer-python).
 """
 
 from __future__ import annotations

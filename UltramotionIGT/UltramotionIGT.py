@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
@@ -22,7 +22,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import SlicerParameterNamePropertyName, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -31,19 +31,32 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-#: Python packages the library needs besides torch/torchvision (those come from the PyTorch extension).
-REQUIREMENTS = (
-    ("transformers", "transformers>=4.50"),
-    ("safetensors", "safetensors>=0.4"),
-    ("segment_anything", "segment-anything==1.0"),
-    ("scipy", "scipy>=1.10"),
-    ("nrrd", "pynrrd>=1.0"),
-)
-TORCH_REQUIREMENT = ">=2.1"
+#: The oldest 3D Slicer the module supports: 5.10 brings Python 3.12 (the library needs >= 3.10) and
+#: the parameter-node wrapper this module is tested against (Testing/test_slicer_module.py runs it).
+#: On an older Slicer the module still loads (this file keeps to Python 3.9 syntax and typing) and
+#: says so instead of failing with a traceback. Also stated in CMakeLists.txt and the README.
+MINIMUM_SLICER_VERSION = (5, 10)
+#: Name of the 3D Slicer extension that provides torch/torchvision (its module: PyTorchUtils).
+PYTORCH_EXTENSION = "PyTorch"
 #: Pacing of the frame loop: the widget's timer asks the logic for pending work this often.
 TIMER_INTERVAL_MS = 10
 #: The KPI panel and status light are refreshed at most this often (the corner line: every frame).
 INDICATOR_INTERVAL_MS = 250
+
+
+def slicerVersionProblem() -> str:
+    """Why this 3D Slicer cannot run the module ("" when it can): older than MINIMUM_SLICER_VERSION."""
+    version = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if version >= MINIMUM_SLICER_VERSION and sys.version_info >= (3, 10):
+        return ""
+    return _(
+        "UltramotionIGT needs 3D Slicer {minimum} or later (with Python 3.12). This is 3D Slicer {version} "
+        "with Python {python}. Install a current 3D Slicer from https://download.slicer.org."
+    ).format(
+        minimum="{}.{}".format(*MINIMUM_SLICER_VERSION),
+        version="{}.{}".format(*version),
+        python="{}.{}".format(*sys.version_info[:2]),
+    )
 
 
 #
@@ -59,7 +72,7 @@ class UltramotionIGT(ScriptedLoadableModule):
         self.parent.title = _("Ultramotion IGT")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Ultrasound")]
         self.parent.dependencies = []
-        self.parent.contributors = ["UltramotionIGT team"]
+        self.parent.contributors = ["UltramotionIGT team (Ultramotion)"]
         self.parent.helpText = _("""
 Real-time detection (D-FINE) and segmentation (SAM, prompted by the detected boxes) of vessels and
 needles on live ultrasound, GPU-resident from frame to mask.
@@ -82,6 +95,11 @@ See the <a href="https://github.com/ultramotion-igt/SlicerUltramotionIGT">docume
 Developed by the UltramotionIGT team. Uses D-FINE (through Hugging Face transformers), Segment
 Anything (Meta AI) and PyTorch (through the SlicerPyTorch extension).
 """)
+        problem = slicerVersionProblem()
+        if problem:
+            # Said once at start-up and on top of the help; the panel shows it instead of its controls.
+            logging.error(problem)
+            self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
 
 
 #
@@ -108,7 +126,11 @@ class SamType(enum.Enum):
     MEDSAM = "medsam"
 
     def label(self):
-        names = {"auto": _("Auto (from checkpoint)"), "vit_t": "vit_t (MobileSAM)", "medsam": "medsam (MedSAM)"}
+        names = {
+            "auto": _("Auto (from checkpoint)"),
+            "vit_t": "vit_t (MobileSAM)",
+            "medsam": "medsam (MedSAM)",
+        }
         return names.get(self.value, self.value)
 
 
@@ -149,10 +171,18 @@ class UltramotionIGTParameterNode:
     showTargetPoints - also write each target's weighted centroid to a markups node.
     showCornerAnnotation - a one-line KPI summary in the slice view.
     runState / statusMessage - what the logic is doing (written by the logic, shown by the widget).
+      runState mirrors the logic's session: a value read from a saved scene is stale, and the logic
+      resets it (`UltramotionIGTLogic.getParameterNode`).
+
+    Settings are read when processing starts, except those in PARAMETERS_APPLIED_WHILE_RUNNING; the
+    widget disables the others while running, so that no control looks live and does nothing.
     """
 
-    # typing.Union: parameterNodeWrapper before Slicer 5.10 does not accept PEP 604 unions
-    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]  # noqa: UP007
+    # A Union of node types must include None (Optional): the wrapper writes None as the default of a
+    # node parameter, and a Union without None has no serializer for it (TypeError on creation).
+    # typing's Optional/Union, not PEP 604: this file is still imported by Python 3.9 (Slicer < 5.10)
+    # to tell the user the minimum version.
+    inputVolume: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]
     outputSegmentation: vtkMRMLSegmentationNode
     detectorFolder: Path
     samCheckpoint: Path
@@ -169,22 +199,36 @@ class UltramotionIGTParameterNode:
     statusMessage: str = ""
 
 
+#: Settings that take effect while processing runs (the widget reads them on every timer tick).
+PARAMETERS_APPLIED_WHILE_RUNNING = frozenset({"showCornerAnnotation"})
+#: What the logic reports (shown by the widget, never edited by the user).
+PARAMETERS_REPORTED_BY_THE_LOGIC = frozenset({"runState", "statusMessage"})
+#: Every other parameter is read once, when processing starts: its widget is disabled while running.
+PARAMETERS_READ_AT_START = (
+    frozenset(UltramotionIGTParameterNode.allParameters)
+    - PARAMETERS_APPLIED_WHILE_RUNNING
+    - PARAMETERS_REPORTED_BY_THE_LOGIC
+)
+
+
 #
 # Errors
 #
 
 
 class InstallError(RuntimeError):
-    """Python packages are missing or were just installed.
+    """Python packages are missing or outdated, or were just installed.
 
-    ``missing``: pip requirement strings still to install (``"torch"`` stands for the PyTorch
-    extension's install). ``restartRequired``: packages were updated that this Slicer session had
-    already imported; restart before use.
+    ``missing``: what is still to install, one readable line each (``"transformers>=4.52 (4.50.0
+    installed)"``). ``needsPyTorch``: torch or torchvision are among them (they come from the PyTorch
+    extension, not from pip). ``restartRequired``: Slicer must restart before processing (the
+    PyTorch extension was just installed, or installed packages were replaced by newer ones).
     """
 
-    def __init__(self, message, missing=(), restartRequired=False):
+    def __init__(self, message, missing=(), needsPyTorch=False, restartRequired=False):
         super().__init__(message)
         self.missing = list(missing)
+        self.needsPyTorch = bool(needsPyTorch)
         self.restartRequired = bool(restartRequired)
 
 
@@ -208,6 +252,13 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = slicerVersionProblem()
+        if problem:  # the panel says what to do instead of failing on the first incompatible call
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/UltramotionIGT.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -221,6 +272,7 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.startStopButton.connect("clicked(bool)", self.onStartStopButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -238,7 +290,8 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:  # None: this Slicer is too old, the panel says so
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         # Processing continues in the background while another module is shown; only the GUI
@@ -258,6 +311,12 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onSceneEndImport(self, caller, event) -> None:
+        # A loaded scene may hold a run state saved while processing ran: the logic resets it.
+        self.logic.getParameterNode()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
@@ -265,7 +324,7 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
 
-    def setParameterNode(self, inputParameterNode: UltramotionIGTParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: Optional[UltramotionIGTParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
@@ -291,15 +350,12 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Select an input volume first")
         )
         self.ui.applyButton.enabled = hasInput and not running
-        for widget in (
-            self.ui.inputSelector,
-            self.ui.modeComboBox,
-            self.ui.detectorPathLineEdit,
-            self.ui.samPathLineEdit,
-            self.ui.samTypeComboBox,
-            self.ui.deviceComboBox,
-        ):
-            widget.enabled = not running
+        # A setting read only when processing starts cannot change a running session: its control
+        # is disabled while running rather than editable and ignored. The widgets are found by the
+        # parameter they are bound to (the .ui's SlicerParameterName), so a new one is covered.
+        for widget in vars(self.ui).values():
+            if widget.property(SlicerParameterNamePropertyName) in PARAMETERS_READ_AT_START:
+                widget.enabled = not running
 
     # -- dependencies: the widget asks, the logic installs -----------------------------------------
 
@@ -309,15 +365,19 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.checkDependencies()
             return True
         except InstallError as error:
+            if not error.needsPyTorch:
+                torchNote = ""
+            elif self.logic.hasPyTorchExtension():
+                torchNote = _("PyTorch (torch, torchvision) is installed through the PyTorch extension.\n\n")
+            else:
+                torchNote = _(
+                    "torch comes from the PyTorch extension, which is installed first from the Extensions "
+                    "Manager. Slicer then restarts; press Start again to install torch.\n\n"
+                )
             question = _(
-                "UltramotionIGT needs these Python packages, which are not installed yet:\n\n{missing}\n\n"
+                "UltramotionIGT needs these Python packages, which are missing or too old:\n\n{missing}\n\n"
                 "{torchNote}Install them now? This downloads several hundred MB and can take minutes."
-            ).format(
-                missing="\n".join(error.missing),
-                torchNote=_("PyTorch is installed through the PyTorch extension.\n\n")
-                if "torch" in error.missing
-                else "",
-            )
+            ).format(missing="\n".join(error.missing), torchNote=torchNote)
             if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install dependencies")):
                 self._parameterNode.statusMessage = _("Dependencies not installed: processing cannot start")
                 return False
@@ -463,7 +523,25 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         node = UltramotionIGTParameterNode(super().getParameterNode())
         self.setDefaultModelPaths(node)
+        self.resetStaleRunState(node)
         return node
+
+    def resetStaleRunState(self, parameterNode) -> None:
+        """Set ``runState`` back to IDLE when it says RUNNING but this logic runs no session on the node.
+
+        The run state is saved with the scene like every parameter: a scene saved while processing
+        ran would otherwise reload showing "Stop" for a session that does not exist.
+        """
+        if parameterNode.runState != RunState.RUNNING:
+            return
+        running = self.controller is not None and self.controller.running
+        ours = (
+            self._parameterNode is not None
+            and self._parameterNode.parameterNode is parameterNode.parameterNode
+        )
+        if not (running and ours):
+            parameterNode.runState = RunState.IDLE
+            parameterNode.statusMessage = ""
 
     # -- where things are --------------------------------------------------------------------------
 
@@ -472,7 +550,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         return Path(__file__).resolve().parent
 
     @staticmethod
-    def libraryParentDir() -> Path | None:
+    def libraryParentDir() -> Optional[Path]:
         """The folder that holds ``UltramotionIGTLib/``: the module's own folder once installed
         (both sit in qt-scripted-modules), its parent in a source checkout."""
         here = UltramotionIGTLogic.moduleDir()
@@ -512,59 +590,91 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
 
     # -- dependencies ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _installed(importName) -> bool:
-        import importlib.util
+    def unsatisfiedRequirements(self, requirements=None):
+        """The library's requirements not met by this Python, as `UltramotionIGTLib.requirements.Unsatisfied`.
 
-        return importlib.util.find_spec(importName) is not None
+        ``requirements``: PEP 508 strings; default: the library's own list
+        (``UltramotionIGTLib.requirements.REQUIREMENTS``, equal to pyproject.toml's dependencies), so
+        that the module never keeps a copy of its own. Installed versions are compared.
+        """
+        self.ensureLibraryImportable()
+        from UltramotionIGTLib.requirements import REQUIREMENTS, unsatisfied
 
-    def missingDependencies(self):
-        """Requirement strings not satisfied now; ``"torch"`` means: install through PyTorch extension."""
-        missing = []
-        if not (self._installed("torch") and self._installed("torchvision")):
-            missing.append("torch")
-        missing += [
-            requirement for importName, requirement in REQUIREMENTS if not self._installed(importName)
-        ]
-        return missing
+        return unsatisfied(REQUIREMENTS if requirements is None else requirements)
 
     def checkDependencies(self) -> None:
-        """Raise `InstallError` listing what is missing; return quietly when all is there."""
-        self.ensureLibraryImportable()
-        missing = self.missingDependencies()
+        """Return quietly when everything is there; else raise `InstallError` saying what is missing.
+
+        Raises RuntimeError (no install can help) when this Slicer is older than MINIMUM_SLICER_VERSION.
+        """
+        problem = slicerVersionProblem()
+        if problem:
+            raise RuntimeError(problem)
+        from UltramotionIGTLib.requirements import PYTORCH_DISTRIBUTIONS
+
+        missing = self.unsatisfiedRequirements()
         if missing:
-            raise InstallError(_("Missing Python packages: {0}").format(", ".join(missing)), missing=missing)
+            lines = [m.describe() for m in missing]
+            raise InstallError(
+                _("Missing or outdated Python packages: {0}").format(", ".join(lines)),
+                missing=lines,
+                needsPyTorch=any(m.name in PYTORCH_DISTRIBUTIONS for m in missing),
+            )
+
+    @staticmethod
+    def hasPyTorchExtension() -> bool:
+        """Whether the PyTorch extension's module (PyTorchUtils) is loaded in this Slicer session."""
+        import importlib.util
+
+        return importlib.util.find_spec("PyTorchUtils") is not None
+
+    @staticmethod
+    def installPyTorchExtension() -> None:
+        """Install the PyTorch extension from the Extensions Manager, without dialogs (the caller asked).
+
+        Uses ``qSlicerExtensionsManagerModel.downloadAndInstallExtensionByName(name,
+        installDependencies, waitForCompletion)``. Its modules load only after a restart. Raises
+        `InstallError` when the installation failed.
+        """
+        manager = slicer.app.extensionsManagerModel()
+        if manager.isExtensionInstalled(PYTORCH_EXTENSION):
+            return  # installed earlier in this session: only the restart is missing
+        interactive = manager.interactive
+        manager.interactive = False  # no confirmation dialogs of its own: the user was asked already
+        try:
+            manager.updateExtensionsMetadataFromServer(True, True)
+            installed = manager.downloadAndInstallExtensionByName(PYTORCH_EXTENSION, True, True)
+        finally:
+            manager.interactive = interactive
+        if not installed:
+            raise InstallError(
+                _(
+                    "The PyTorch extension could not be installed (see the error log). Install 'PyTorch' "
+                    "from the Extensions Manager, restart Slicer, and try again."
+                ),
+                missing=[PYTORCH_EXTENSION],
+                needsPyTorch=True,
+            )
 
     def installDependencies(self) -> None:
-        """Install what is missing, without asking (the caller asked).
+        """Install what `unsatisfiedRequirements` lists, without asking (the caller asked).
 
-        torch/torchvision come from the PyTorch extension (``PyTorchUtils``), the rest from pip:
-        ``slicer.packaging.pip_ensure`` on Slicer >= 5.11, ``slicer.util.pip_install`` before.
-        Raises `InstallError` when something is still missing afterwards, or with
-        ``restartRequired=True`` when an already imported package was replaced.
+        torch/torchvision come from the PyTorch extension (``PyTorchUtils``; the extension itself is
+        installed from the Extensions Manager first when absent), with the library's version
+        requirements; everything else from pip: ``slicer.packaging.pip_ensure`` on Slicer >= 5.11,
+        ``slicer.util.pip_install`` before. Raises `InstallError` when something is still missing
+        afterwards, or with ``restartRequired=True`` when Slicer must restart first: the PyTorch
+        extension was just installed, or packages were replaced (an older version may already be
+        imported in this session).
         """
-        missing = self.missingDependencies()
+        from packaging.requirements import Requirement
+
+        from UltramotionIGTLib.requirements import PYTORCH_DISTRIBUTIONS, REQUIREMENTS
+
+        missing = self.unsatisfiedRequirements()
         if not missing:
             return
-        alreadyImported = [name for name, _req in REQUIREMENTS if name in sys.modules]
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError as error:
-                raise InstallError(
-                    _(
-                        "The PyTorch extension is not installed. Install 'PyTorch' from the Extension Manager, "
-                        "restart Slicer, and try again."
-                    ),
-                    missing=missing,
-                ) from error
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if (
-                torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-                is None
-            ):
-                raise InstallError(_("PyTorch was not installed."), missing=missing)
-        packages = [requirement for requirement in missing if requirement != "torch"]
+        packages = [m.requirement for m in missing if m.name not in PYTORCH_DISTRIBUTIONS]
         if packages:
             try:
                 import slicer.packaging
@@ -578,16 +688,48 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
                 )
             else:
                 slicer.util.pip_install(packages)
-        still = self.missingDependencies()
+        if any(m.name in PYTORCH_DISTRIBUTIONS for m in missing):
+            if not self.hasPyTorchExtension():
+                self.installPyTorchExtension()
+                raise InstallError(
+                    _(
+                        "The PyTorch extension was installed. Restart Slicer, then press Start again: "
+                        "PyTorch itself is installed then."
+                    ),
+                    missing=[m.describe() for m in missing if m.name in PYTORCH_DISTRIBUTIONS],
+                    needsPyTorch=True,
+                    restartRequired=True,
+                )
+            import PyTorchUtils
+
+            specifiers = {
+                Requirement(text).name: str(Requirement(text).specifier) or None for text in REQUIREMENTS
+            }
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False,
+                torchVersionRequirement=specifiers.get("torch"),
+                torchvisionVersionRequirement=specifiers.get("torchvision"),
+            )
+            if torch is None:
+                raise InstallError(_("PyTorch was not installed."), missing=[], needsPyTorch=True)
+        import importlib
+
+        importlib.invalidate_caches()  # let importlib.metadata see what was just installed
+        still = self.unsatisfiedRequirements()
         if still:
             raise InstallError(
-                _("Installation did not complete; still missing: {0}").format(", ".join(still)), missing=still
+                _("Installation did not complete; still missing: {0}").format(
+                    ", ".join(m.describe() for m in still)
+                ),
+                missing=[m.describe() for m in still],
+                needsPyTorch=any(m.name in PYTORCH_DISTRIBUTIONS for m in still),
             )
-        if alreadyImported:
+        replaced = [f"{m.name} {m.installed}" for m in missing if m.installed is not None]
+        if replaced:
             raise InstallError(
-                _(
-                    "Packages that were already in use were updated ({0}). Restart Slicer before processing."
-                ).format(", ".join(alreadyImported)),
+                _("Older versions were replaced ({0}). Restart Slicer before processing.").format(
+                    ", ".join(replaced)
+                ),
                 restartRequired=True,
             )
 
@@ -717,17 +859,73 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
 
 
 class UltramotionIGTTest(ScriptedLoadableModuleTest):
-    """Drives the logic step by step on a synthetic ultrasound stream and checks the segments.
+    """The module's self-test: every ``test_*`` method, each after `setUp` (a cleared scene).
 
-    The same scenario runs in pytest against slicer-core (Testing/test_module_scenario.py).
+    ``test_ParameterNode`` and ``test_DependencyCheck`` need no PyTorch; ``test_LiveSyntheticStream``
+    drives the logic step by step on a synthetic ultrasound stream and checks the segments (skipped
+    while dependencies are missing). Outside Slicer, Testing/test_slicer_module.py runs these methods
+    with Slicer's own Python layer over slicer-core.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
-    def runTest(self):
-        self.setUp()
-        self.test_LiveSyntheticStream()
+    def test_ParameterNode(self):
+        self.delayDisplay("Parameter node: defaults, every field written and read back")
+        logic = UltramotionIGTLogic()
+        node = logic.getParameterNode()
+        self.assertIsNone(node.inputVolume)
+        self.assertIsNone(node.outputSegmentation)
+        self.assertEqual(node.runState, RunState.IDLE)
+        self.assertEqual(node.mode, Mode.LIVE)
+        scalar = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "US image")
+        vector = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "US image RGB")
+        for volume in (vector, scalar, None):
+            node.inputVolume = volume
+            self.assertIs(node.inputVolume, volume)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        node.outputSegmentation = segmentation
+        self.assertIs(node.outputSegmentation, segmentation)
+        node.scoreThreshold = 0.55
+        self.assertAlmostEqual(node.scoreThreshold, 0.55)
+        node.samType = SamType.VIT_B
+        self.assertEqual(logic.getParameterNode().samType, SamType.VIT_B)  # one node per scene
+
+        self.delayDisplay("A run state without a running session (e.g. from a saved scene) is reset")
+        node.runState = RunState.RUNNING
+        node.statusMessage = "Processing"
+        node = logic.getParameterNode()
+        self.assertEqual(node.runState, RunState.IDLE)
+        self.assertEqual(node.statusMessage, "")
+
+        self.delayDisplay("Settings read only at start are the ones disabled while running")
+        self.assertEqual(
+            PARAMETERS_READ_AT_START | PARAMETERS_APPLIED_WHILE_RUNNING | PARAMETERS_REPORTED_BY_THE_LOGIC,
+            set(UltramotionIGTParameterNode.allParameters),
+        )
+        self.assertIn("inputVolume", PARAMETERS_READ_AT_START)
+        self.assertNotIn("showCornerAnnotation", PARAMETERS_READ_AT_START)
+
+    def test_DependencyCheck(self):
+        self.delayDisplay("Dependency check: installed versions are compared with the requirements")
+        logic = UltramotionIGTLogic()
+        self.assertEqual(slicerVersionProblem(), "")
+        from importlib.metadata import version
+
+        installed = version("packaging")  # part of Slicer's Python; the check itself uses it
+        self.assertEqual(logic.unsatisfiedRequirements([f"packaging>={installed}"]), [])
+        (outdated,) = logic.unsatisfiedRequirements([f"packaging>{installed}"])
+        self.assertEqual((outdated.name, outdated.installed), ("packaging", installed))
+        (absent,) = logic.unsatisfiedRequirements(["ultramotion-igt-no-such-package>=1"])
+        self.assertIsNone(absent.installed)
+        self.assertIn("not installed", absent.describe())
+        # The library's own list: whatever is unsatisfied is what checkDependencies reports
+        unmet = logic.unsatisfiedRequirements()
+        try:
+            logic.checkDependencies()
+            self.assertEqual(unmet, [])
+        except InstallError as error:
+            self.assertEqual(error.missing, [m.describe() for m in unmet])
 
     def _models(self, logic):
         """Shipped demo models if present, else small random models written in the real formats."""
@@ -833,7 +1031,8 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
 
         from UltramotionIGTLib.tools.phantom import VESSEL_LABEL
 
-        for label, mask in zip(truth.labels, truth.masks, strict=True):
+        self.assertEqual(len(truth.labels), len(truth.masks))
+        for label, mask in zip(truth.labels, truth.masks):
             if int(label) != VESSEL_LABEL:
                 continue
             dice = [

@@ -51,9 +51,18 @@ class UltramotionIGTWidgetTest(unittest.TestCase):
         self.node.runState = self.module.RunState.RUNNING
         self.assertEqual(ui.startStopButton.text, "Stop")
         self.assertFalse(ui.applyButton.enabled)
-        self.assertFalse(ui.inputSelector.enabled)
+        # settings read when processing starts are disabled, the live ones and the status are not
+        for widget in (
+            ui.inputSelector,
+            ui.detectorPathLineEdit,
+            ui.scoreThresholdSliderWidget,
+            ui.everyNthSpinBox,
+        ):
+            self.assertFalse(widget.enabled, widget.name)
+        self.assertTrue(ui.cornerAnnotationCheckBox.enabled)
         self.node.runState = self.module.RunState.STOPPED
         self.assertEqual(ui.startStopButton.text, "Start")
+        self.assertTrue(ui.scoreThresholdSliderWidget.enabled)
 
     def test_default_models_point_at_the_shipped_demo_models(self):
         detector, sam = self.widget.logic.demoModelPaths()
