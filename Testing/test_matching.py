@@ -18,7 +18,7 @@ from UltramotionIGTLib.core.assignment import (
     linear_sum_assignment_nosync,
     scipy_linear_sum_assignment,
 )
-from UltramotionIGTLib.tools.training.matcher import HungarianMatcher, patched_transformers_matcher
+from UltramotionIGTLib.tools.training.matcher import DFineCriterion, HungarianMatcher
 
 KINDS = ("ties", "int", "float", "huge", "forbidden")
 
@@ -376,21 +376,14 @@ def test_matcher_agrees_with_transformers_and_swaps_into_its_loss():
         assert torch.allclose(loss_ref[key], loss_ours[key]), key
 
 
-def test_patched_transformers_matcher_restores_the_original():
-    pytest.importorskip("transformers")
-    from transformers import DFineConfig
+@pytest.mark.parametrize("training", [False, True])
+def test_dfine_criterion_is_transformers_loss_with_our_matcher(monkeypatch, training):
+    """A real (tiny) transformers D-FINE: `DFineCriterion` on the inner model's outputs gives the terms
+    ``model(labels=...)`` computes with transformers' own matcher (in training also the denoising
+    terms), through our matcher, and leaves transformers' module globals alone."""
+    transformers = pytest.importorskip("transformers")
     from transformers.loss import loss_d_fine
 
-    original = loss_d_fine.RTDetrHungarianMatcher
-    with patched_transformers_matcher():
-        criterion = loss_d_fine.DFineLoss(DFineConfig(num_labels=2))
-        assert isinstance(criterion.matcher, HungarianMatcher)
-    assert loss_d_fine.RTDetrHungarianMatcher is original
-
-
-def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
-    """A real (tiny) transformers D-FINE computes the same training loss with our matcher swapped in."""
-    transformers = pytest.importorskip("transformers")
     from UltramotionIGTLib.core.detector import small_dfine_config
 
     calls = []
@@ -401,9 +394,11 @@ def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
         return original_forward(self, outputs, targets)
 
     monkeypatch.setattr(HungarianMatcher, "forward", counted)
+    original_matcher = loss_d_fine.RTDetrHungarianMatcher
     torch.manual_seed(0)
     config = small_dfine_config(image_size=64, num_queries=10)
-    model = transformers.DFineForObjectDetection(config).eval()
+    model = transformers.DFineForObjectDetection(config).train(training)
+    criterion = DFineCriterion(config, "cpu")
     pixels = torch.rand(2, 3, 64, 64)
     labels = [
         {
@@ -413,10 +408,15 @@ def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
     ]
     with torch.no_grad():
+        torch.manual_seed(1)  # the denoising queries are random: the same draw for both
         reference = model(pixel_values=pixels, labels=labels)
-        with patched_transformers_matcher():
-            ours = model(pixel_values=pixels, labels=labels)
-    assert calls, "the patched loss did not call HungarianMatcher"
-    assert reference.loss_dict.keys() == ours.loss_dict.keys()
+        assert not calls, "transformers' own loss must not use our matcher"
+        torch.manual_seed(1)
+        loss, terms = criterion(model.model(pixels, labels=labels), labels)
+    assert calls, "DFineCriterion did not call HungarianMatcher"
+    assert loss_d_fine.RTDetrHungarianMatcher is original_matcher
+    assert reference.loss_dict.keys() == terms.keys()
+    assert any("_dn_" in key for key in terms) == training
     for key, value in reference.loss_dict.items():
-        assert torch.allclose(value, ours.loss_dict[key]), key
+        assert torch.allclose(value, terms[key]), key
+    assert torch.allclose(reference.loss, loss)

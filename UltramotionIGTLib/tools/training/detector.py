@@ -6,8 +6,8 @@
 What the model sees is exactly what inference feeds it: phantom frames (`PhantomFramePool`, a pure
 function of the step) go through `detector.preprocess_frames` with the folder's `Preprocessing`.
 Labels are what transformers' D-FINE loss expects (``class_labels`` int64, ``boxes`` cxcywh
-normalised to 0..1), and the loss runs with our sync-free `HungarianMatcher` swapped in
-(`patched_transformers_matcher`). AdamW with linear warm-up and cosine decay, gradient clipping,
+normalised to 0..1), and the loss is transformers' D-FINE loss built once with our sync-free
+`HungarianMatcher` (`DFineCriterion`; nothing of transformers is patched). AdamW with linear warm-up and cosine decay, gradient clipping,
 an exponential moving average (EMA) of the weights that is what gets shipped.
 
 Every ``checkpoint_every`` steps the full state (model, EMA, optimiser, scheduler, loss history,
@@ -57,7 +57,7 @@ from UltramotionIGTLib.tools.training.common import (
     training_kwargs,
     write_json,
 )
-from UltramotionIGTLib.tools.training.matcher import patched_transformers_matcher
+from UltramotionIGTLib.tools.training.matcher import DFineCriterion
 
 __all__ = [
     "DEMO_DETECTOR_CONFIG",
@@ -359,31 +359,31 @@ def train_detector(
         bar = tqdm(total=steps, initial=start, desc="train detector", unit="step", dynamic_ncols=True)
     model.train()
     running = None
-    with patched_transformers_matcher(use_gpu_match=True):
-        for step in range(start, steps):
-            frames = pool.batch(0 if repeat_batch else step, batch_size)
-            pixel_values, labels = frames_to_inputs(frames, preprocessing, target)
-            outputs = model(pixel_values=pixel_values, labels=labels)
-            loss = outputs.loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-            optimizer.step()
-            scheduler.step()
-            ema.update(model)
-            value = float(loss.detach())
-            running = value if running is None else 0.98 * running + 0.02 * value
-            history.append({"step": step + 1, "loss": value, "lr": float(optimizer.param_groups[0]["lr"])})
+    criterion = DFineCriterion(config, target, use_gpu_match=True)
+    for step in range(start, steps):
+        frames = pool.batch(0 if repeat_batch else step, batch_size)
+        pixel_values, labels = frames_to_inputs(frames, preprocessing, target)
+        # the inner DFineModel: labels make its denoising queries; the loss is ours (see DFineCriterion)
+        loss, _ = criterion(model.model(pixel_values, labels=labels), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        history.append({"step": step + 1, "loss": value, "lr": float(optimizer.param_groups[0]["lr"])})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", avg=f"{running:.3f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            checkpoint(step + 1, wall_before + time.perf_counter() - t0)
+        if stop_after is not None and step + 1 >= stop_after:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", avg=f"{running:.3f}")
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                checkpoint(step + 1, wall_before + time.perf_counter() - t0)
-            if stop_after is not None and step + 1 >= stop_after:
-                if bar is not None:
-                    bar.close()
-                return {"stopped_at": step + 1}
+                bar.close()
+            return {"stopped_at": step + 1}
     if bar is not None:
         bar.close()
     wall = wall_before + time.perf_counter() - t0
