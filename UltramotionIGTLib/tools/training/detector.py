@@ -52,6 +52,7 @@ from UltramotionIGTLib.tools.training.common import (
     environment_record,
     heldout_set,
     load_training_state,
+    restores_torch_globals,
     save_training_state,
     seed_everything,
     training_kwargs,
@@ -236,6 +237,7 @@ def _history_summary(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+@restores_torch_globals
 def train_detector(
     out_dir: str | Path,
     steps: int = 4000,
@@ -264,7 +266,8 @@ def train_detector(
 
     ``steps`` optimiser steps of ``batch_size`` phantom frames (256x256) each; ``model_kwargs``
     override `DEMO_DETECTOR_CONFIG` (e.g. a tiny config for tests). ``device``: auto | cpu | cuda.
-    ``threads`` sets ``torch.set_num_threads`` (None: leave it). Resumes from
+    ``threads`` sets ``torch.set_num_threads`` for the run (None: leave it; process-wide settings are
+    restored on return, see `restores_torch_globals`). Resumes from
     ``out_dir/training-state.pt`` when ``resume`` (the arguments must match). ``repeat_batch``
     trains on the batch of step 0 every step (an overfit check). ``heldout_frames=0`` skips the
     held-out evaluation. ``stop_after`` simulates an interruption: the run stops once that many steps
