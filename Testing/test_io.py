@@ -168,7 +168,7 @@ def test_colour_nrrd_luminance_and_rgb(plus_dir: Path) -> None:
     np.testing.assert_array_equal(seq.frames[0], manual)
     assert np.isnan(seq.timestamps).all() and seq.frame_status.all()
     rgb = read_sequence(path, color="rgb")
-    assert rgb.frames.shape == (1, 648, 1152, 3) and rgb.is_color
+    assert rgb.frames.shape == (1, 648, 1152, 3)
     np.testing.assert_array_equal(rgb.frames[0], rgb_ref)
 
 

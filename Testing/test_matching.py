@@ -15,7 +15,6 @@ from UltramotionIGTLib.core.assignment import (
     STATUS_INVALID,
     batched_linear_sum_assignment,
     linear_sum_assignment,
-    linear_sum_assignment_nosync,
     scipy_linear_sum_assignment,
 )
 from UltramotionIGTLib.tools.training.matcher import DFineCriterion, HungarianMatcher
@@ -162,8 +161,8 @@ def test_edge_cases_behave_like_scipy(matrix, maximize):
             linear_sum_assignment(torch.from_numpy(c), maximize=maximize)
         if c.ndim == 2:
             assert str(ours.value) == str(scipy_error)  # same wording as scipy for 2-D input
-            _, _, feasible = linear_sum_assignment_nosync(torch.from_numpy(c), maximize=maximize)
-            assert not bool(feasible)
+            res = batched_linear_sum_assignment(torch.from_numpy(c)[None], maximize=maximize)
+            assert not bool(res.feasible[0])
         return
     rows, cols = linear_sum_assignment(torch.from_numpy(c), maximize=maximize)
     assert rows.tolist() == list(r_ref) and len(cols) == len(c_ref)
@@ -236,11 +235,11 @@ def test_sync_free_entry_points_make_no_host_hop():
     n_rows = torch.tensor([20, 3, 9, 1, 15, 20])
     n_cols = torch.tensor([9, 9, 2, 9, 7, 1])
     with count_host_hops() as calls:
-        rows, cols, feasible = linear_sum_assignment_nosync(single)
+        one = batched_linear_sum_assignment(single[None])
         res = batched_linear_sum_assignment(batch, n_rows, n_cols, maximize=True)
     assert calls == {}, f"host hops inside the solver: {calls}"
-    assert rows.shape == (30,) and res.rows.shape == (6, 9)
-    assert bool(feasible) == _scipy_ok(c)
+    assert one.rows.shape == (1, 30) and res.rows.shape == (6, 9)
+    assert bool(one.feasible[0]) == _scipy_ok(c)
 
 
 def test_public_function_makes_exactly_one_declared_hop():
@@ -281,11 +280,12 @@ def test_cuda_solve_without_sync_and_equal_to_scipy():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            rows, cols, feasible = linear_sum_assignment_nosync(dev)
+            one = batched_linear_sum_assignment(dev[None])
             res = batched_linear_sum_assignment(torch.stack([dev, dev.flip(0)]), maximize=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert rows.is_cuda and bool(feasible)
+        rows, cols = one.rows[0, : min(c.shape)], one.cols[0, : min(c.shape)]
+        assert rows.is_cuda and bool(one.feasible[0])
         r_ref, c_ref = scipy_lsa(c)
         assert _total(c, rows.cpu().numpy(), cols.cpu().numpy()) == pytest.approx(
             _total(c, r_ref, c_ref), rel=1e-9

@@ -142,11 +142,6 @@ class UltrasoundSequence(Geometry):
         """(H, W): rows, columns of one frame."""
         return int(self.frames.shape[1]), int(self.frames.shape[2])
 
-    @property
-    def is_color(self) -> bool:
-        """True when frames are N x H x W x 3."""
-        return self.frames.ndim == 4
-
     def __len__(self) -> int:
         return self.n_frames
 
