@@ -53,6 +53,7 @@ from UltramotionIGTLib.io.common import (
     PLUS_FRAME_FIELD,
     Geometry,
     ParsedFile,
+    UltrasoundSequence,
     atomic_write,
     check_image_type,
     embed_geometry,
@@ -262,14 +263,16 @@ def _field_text(value: Any) -> str:
     return str(value)
 
 
-def sequence_index(n: int, timestamps: Any, reference: Geometry | None) -> tuple[list[str], str, str]:
+def sequence_index(
+    n: int, timestamps: Any, reference: UltrasoundSequence | None
+) -> tuple[list[str], str, str]:
     """(index values as text, index name, index unit) of an N-item volume sequence: ``timestamps`` (N
     numbers, numpy or torch; None -> the reference's when it has N) when all finite -> their text,
     ``"time"``, ``"s"``; otherwise frame numbers ``0..N-1``, ``"frame"``, ``""``. `ValueError` when
     ``timestamps`` does not hold N numbers.
     """
-    if timestamps is None and reference is not None and getattr(reference, "n_frames", None) == n:
-        timestamps = reference.timestamps  # type: ignore[attr-defined]
+    if timestamps is None and reference is not None and reference.n_frames == n:
+        timestamps = reference.timestamps
     if timestamps is not None:
         ts = np.asarray(host_array(timestamps), dtype=np.float64).reshape(-1)
         if ts.shape != (n,):
@@ -293,11 +296,10 @@ def write_volume_sequence(
 
     reference: the geometry (LPS) every item gets. index: (values, name, unit) from `sequence_index`.
     data_node_class: the MRML class Slicer creates per item. custom: ``key:=value`` fields in order.
-    compress: gzip (level 1: labelmaps shrink about as much as at level 9, several times faster) or
-    raw. `ValueError` for a pixel type NRRD cannot hold or a field value NRRD cannot carry (non-ASCII
-    text or a line break: NRRD header lines are ASCII).
+    compress: gzip at level 1 (the fastest) or raw. `ValueError` for a pixel type NRRD cannot hold or
+    a field value NRRD cannot carry (non-ASCII text or a line break: NRRD header lines are ASCII).
     """
-    if data.dtype.kind not in "biuf" or data.dtype.str[1:] not in _NRRD_PIXEL_TYPES:
+    if data.dtype.str[1:] not in _NRRD_PIXEL_TYPES:
         raise ValueError(f"cannot write pixel type {data.dtype} to NRRD")
     values, index_name, index_unit = index
     m = reference.ijk_to_lps()

@@ -7,8 +7,10 @@ What the model sees is exactly what inference feeds it: phantom frames (`Phantom
 function of the step) go through `detector.preprocess_frames` with the folder's `Preprocessing`.
 Labels are what transformers' D-FINE loss expects (``class_labels`` int64, ``boxes`` cxcywh
 normalised to 0..1), and the loss is transformers' D-FINE loss built once with our sync-free
-`HungarianMatcher` (`DFineCriterion`; nothing of transformers is patched). AdamW with linear warm-up and cosine decay, gradient clipping,
-an exponential moving average (EMA) of the weights that is what gets shipped.
+`HungarianMatcher` (`DFineCriterion`; nothing of transformers is patched). AdamW with linear
+warm-up and cosine decay, gradient clipping, an exponential moving average (EMA) of the weights
+that is what gets shipped. Process-wide settings the run changes (threads, determinism, RNG) are
+restored on return (`restores_torch_globals`).
 
 Every ``checkpoint_every`` steps the full state (model, EMA, optimiser, scheduler, loss history,
 torch RNG) goes to ``DIR/training-state.pt``; a rerun with the same ``--out`` resumes from it and,
