@@ -1,9 +1,13 @@
-"""Shared pytest fixtures: real PLUS recordings, devices, temporary model folders."""
+"""Shared pytest fixtures: real PLUS recordings, devices, temporary model folders, and the guard that
+fails a test which leaves one of torch's process-wide settings changed."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,8 +36,6 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    import importlib.util
-
     has_cuda = False
     if importlib.util.find_spec("torch") is not None:
         import torch
@@ -46,3 +48,123 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
+
+
+# ------------------------------------------------------------------ torch's process-wide settings
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _torch_global_settings() -> dict[str, tuple[Callable[[], Any], Callable[[Any], None] | None]]:
+    """name -> (getter, setter or None) of every torch setting that holds for the whole process and
+    that library code or a test could change: threads, determinism, grad/inference mode, default
+    dtype and device, anomaly detection, autocast, cuDNN and matmul precision flags, SDPA kernels,
+    the CUDA sync debug mode (read only once CUDA is initialised: reading it would initialise CUDA).
+    """
+    import torch
+
+    cudnn, matmul, cuda = torch.backends.cudnn, torch.backends.cuda.matmul, torch.backends.cuda
+
+    def attribute(obj: Any, name: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+        return (lambda: getattr(obj, name)), (lambda value: setattr(obj, name, value))
+
+    settings: dict[str, tuple[Callable[[], Any], Callable[[Any], None] | None]] = {
+        "torch.get_num_threads()": (torch.get_num_threads, torch.set_num_threads),
+        "torch.get_num_interop_threads()": (torch.get_num_interop_threads, None),
+        "torch.are_deterministic_algorithms_enabled() / warn_only": (
+            lambda: (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+            ),
+            lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1]),
+        ),
+        "torch.utils.deterministic.fill_uninitialized_memory": attribute(
+            torch.utils.deterministic, "fill_uninitialized_memory"
+        ),
+        "torch.is_grad_enabled()": (torch.is_grad_enabled, torch.set_grad_enabled),
+        "torch.is_inference_mode_enabled()": (torch.is_inference_mode_enabled, None),
+        "torch.get_default_dtype()": (torch.get_default_dtype, torch.set_default_dtype),
+        "torch.get_default_device()": (torch.get_default_device, torch.set_default_device),
+        "torch.is_anomaly_enabled() / check_nan": (
+            lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+            lambda value: torch.set_anomaly_enabled(*value),
+        ),
+        "torch.is_autocast_enabled('cpu')": (lambda: torch.is_autocast_enabled("cpu"), None),
+        "torch.is_autocast_enabled('cuda')": (lambda: torch.is_autocast_enabled("cuda"), None),
+        "torch.backends.cudnn.enabled": attribute(cudnn, "enabled"),
+        "torch.backends.cudnn.benchmark": attribute(cudnn, "benchmark"),
+        "torch.backends.cudnn.deterministic": attribute(cudnn, "deterministic"),
+        "torch.backends.cudnn.allow_tf32": attribute(cudnn, "allow_tf32"),
+        "torch.backends.cuda.matmul.allow_tf32": attribute(matmul, "allow_tf32"),
+        "torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction": attribute(
+            matmul, "allow_fp16_reduced_precision_reduction"
+        ),
+        "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction": attribute(
+            matmul, "allow_bf16_reduced_precision_reduction"
+        ),
+        "torch.get_float32_matmul_precision()": (
+            torch.get_float32_matmul_precision,
+            torch.set_float32_matmul_precision,
+        ),
+        "torch.backends.mkldnn.enabled": attribute(torch.backends.mkldnn, "enabled"),
+        "torch.backends.cuda.flash_sdp_enabled()": (cuda.flash_sdp_enabled, cuda.enable_flash_sdp),
+        "torch.backends.cuda.mem_efficient_sdp_enabled()": (
+            cuda.mem_efficient_sdp_enabled,
+            cuda.enable_mem_efficient_sdp,
+        ),
+        "torch.backends.cuda.math_sdp_enabled()": (cuda.math_sdp_enabled, cuda.enable_math_sdp),
+        "torch.backends.cuda.cudnn_sdp_enabled()": (cuda.cudnn_sdp_enabled, cuda.enable_cudnn_sdp),
+        "torch.cuda.get_sync_debug_mode()": (
+            lambda: torch.cuda.get_sync_debug_mode() if torch.cuda.is_initialized() else 0,
+            torch.cuda.set_sync_debug_mode,
+        ),
+    }
+    for owner, label in ((matmul, "torch.backends.cuda.matmul"), (cudnn, "torch.backends.cudnn")):
+        if hasattr(owner, "fp32_precision"):  # torch >= 2.9: the successor of allow_tf32
+            settings[f"{label}.fp32_precision"] = attribute(owner, "fp32_precision")
+    return settings
+
+
+def _read_settings(settings: dict[str, tuple[Callable[[], Any], Any]]) -> dict[str, Any]:
+    return {name: get() for name, (get, _) in settings.items()}
+
+
+def _check_settings(
+    before: dict[str, Any], settings: dict[str, tuple[Callable[[], Any], Any]], who: str
+) -> None:
+    """Fail naming every setting that differs from ``before``, after putting back those that can be."""
+    after = _read_settings(settings)
+    changed = {name: (before[name], after[name]) for name in before if after[name] != before[name]}
+    for name in changed:
+        setter = settings[name][1]
+        if setter is not None:
+            setter(before[name])  # so that one leak does not fail every later test
+    if changed:
+        lines = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        pytest.fail(f"{who} changed torch's process-wide settings and did not restore them: {lines}")
+
+
+@pytest.fixture(autouse=True)
+def torch_settings_restored(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test (at teardown, after its own fixtures) that leaves a `_torch_global_settings` entry
+    changed; the setting is put back first."""
+    if not HAS_TORCH:
+        yield
+        return
+    settings = _torch_global_settings()
+    before = _read_settings(settings)
+    yield
+    _check_settings(before, settings, request.node.nodeid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_settings_restored_by_session_fixtures() -> Iterator[None]:
+    """The same check over the whole run: catches module- and session-scoped fixtures, whose setup
+    and teardown fall outside the per-test check."""
+    if not HAS_TORCH:
+        yield
+        return
+    settings = _torch_global_settings()
+    before = _read_settings(settings)
+    yield
+    _check_settings(before, settings, "a module- or session-scoped fixture")

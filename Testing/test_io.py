@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -166,7 +168,7 @@ def test_colour_nrrd_luminance_and_rgb(plus_dir: Path) -> None:
     np.testing.assert_array_equal(seq.frames[0], manual)
     assert np.isnan(seq.timestamps).all() and seq.frame_status.all()
     rgb = read_sequence(path, color="rgb")
-    assert rgb.frames.shape == (1, 648, 1152, 3) and rgb.is_color
+    assert rgb.frames.shape == (1, 648, 1152, 3)
     np.testing.assert_array_equal(rgb.frames[0], rgb_ref)
 
 
@@ -475,7 +477,9 @@ def test_segmentation_sequence_round_trip_and_header(tmp_path: Path) -> None:
     assert data.shape == (w, h, 1, ref.n_frames)
     np.testing.assert_array_equal(data[:, :, 0, :].transpose(2, 1, 0), labels)
     assert header["kinds"] == ["domain", "domain", "domain", "list"]
-    assert header["space"] == "left-posterior-superior" and header["type"] == "unsigned char"
+    # pynrrd's writer spells the type "uint8", the NRRD synonym of Slicer's "unsigned char"
+    assert header["space"] == "left-posterior-superior" and header["type"] == "uint8"
+    assert data.dtype == np.uint8
     np.testing.assert_allclose(header["space directions"][:3], ref.ijk_to_lps()[:3, :3].T, atol=1e-12)
     assert np.isnan(header["space directions"][3]).all()
     np.testing.assert_allclose(header["space origin"], ref.origin)
@@ -510,7 +514,52 @@ def test_segmentation_defaults_and_validation(plus_dir: Path, tmp_path: Path) ->
         write_segmentation_sequence(tmp_path / "x.seq.nrrd", good, ref, segments=[(1, "a", (1, 0, 0))] * 2)
     with pytest.raises(ValueError, match="timestamps"):
         write_segmentation_sequence(tmp_path / "x.seq.nrrd", good, ref, timestamps=[0.0, 1.0])
+    with pytest.raises(ValueError, match="ASCII"):  # NRRD header lines are ASCII
+        write_segmentation_sequence(
+            tmp_path / "x.seq.nrrd", good, ref, segments=[(1, "vaisseaué", (1, 0, 0))]
+        )
     assert not (tmp_path / "x.seq.nrrd").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.seq.nrrd"]  # no partial file left behind
+
+
+def test_written_files_get_the_usual_mode_and_are_replaced_whole(tmp_path: Path) -> None:
+    ref = oblique_reference()
+    rng = np.random.default_rng(7)
+    first, second = (rng.integers(0, 3, (ref.n_frames, *ref.frame_shape), dtype=np.uint8) for _ in range(2))
+    previous = os.umask(0o027)  # restored below; the mode is 0644 less the umask
+    try:
+        written = [
+            write_segmentation_sequence(tmp_path / "segmentation.seq.nrrd", first, ref),
+            write_image(tmp_path / "frames.igs.mha", ref.frames, ref),
+            write_image(tmp_path / "frames.seq.nrrd", ref.frames, ref),
+        ]
+    finally:
+        os.umask(previous)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    write_segmentation_sequence(tmp_path / "segmentation.seq.nrrd", second, ref)
+    assert stat.S_IMODE((tmp_path / "segmentation.seq.nrrd").stat().st_mode) == 0o644 & ~previous
+    np.testing.assert_array_equal(
+        read_segmentation_sequence(tmp_path / "segmentation.seq.nrrd").labelmaps, second
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "frames.igs.mha",
+        "frames.seq.nrrd",
+        "segmentation.seq.nrrd",
+    ]
+
+
+def test_nrrd_reading_does_not_depend_on_pynrrd_space_directions_setting(tmp_path: Path) -> None:
+    ref = oblique_reference()
+    path = write_image(tmp_path / "frames.seq.nrrd", ref.frames, ref)
+    before = nrrd.SPACE_DIRECTIONS_TYPE
+    nrrd.SPACE_DIRECTIONS_TYPE = "double vector list"  # pynrrd's process-wide switch: None for "none"
+    try:
+        back = read_sequence(path)
+    finally:
+        nrrd.SPACE_DIRECTIONS_TYPE = before
+    np.testing.assert_allclose(back.ijk_to_ras(), ref.ijk_to_ras(), atol=1e-12)
+    np.testing.assert_array_equal(back.frames, ref.frames)
 
 
 # ------------------------------------------------------------------ what 3D Slicer reads (slicer-core)

@@ -15,10 +15,9 @@ from UltramotionIGTLib.core.assignment import (
     STATUS_INVALID,
     batched_linear_sum_assignment,
     linear_sum_assignment,
-    linear_sum_assignment_nosync,
     scipy_linear_sum_assignment,
 )
-from UltramotionIGTLib.tools.training.matcher import HungarianMatcher, patched_transformers_matcher
+from UltramotionIGTLib.tools.training.matcher import DFineCriterion, HungarianMatcher
 
 KINDS = ("ties", "int", "float", "huge", "forbidden")
 
@@ -162,8 +161,8 @@ def test_edge_cases_behave_like_scipy(matrix, maximize):
             linear_sum_assignment(torch.from_numpy(c), maximize=maximize)
         if c.ndim == 2:
             assert str(ours.value) == str(scipy_error)  # same wording as scipy for 2-D input
-            _, _, feasible = linear_sum_assignment_nosync(torch.from_numpy(c), maximize=maximize)
-            assert not bool(feasible)
+            res = batched_linear_sum_assignment(torch.from_numpy(c)[None], maximize=maximize)
+            assert not bool(res.feasible[0])
         return
     rows, cols = linear_sum_assignment(torch.from_numpy(c), maximize=maximize)
     assert rows.tolist() == list(r_ref) and len(cols) == len(c_ref)
@@ -236,11 +235,11 @@ def test_sync_free_entry_points_make_no_host_hop():
     n_rows = torch.tensor([20, 3, 9, 1, 15, 20])
     n_cols = torch.tensor([9, 9, 2, 9, 7, 1])
     with count_host_hops() as calls:
-        rows, cols, feasible = linear_sum_assignment_nosync(single)
+        one = batched_linear_sum_assignment(single[None])
         res = batched_linear_sum_assignment(batch, n_rows, n_cols, maximize=True)
     assert calls == {}, f"host hops inside the solver: {calls}"
-    assert rows.shape == (30,) and res.rows.shape == (6, 9)
-    assert bool(feasible) == _scipy_ok(c)
+    assert one.rows.shape == (1, 30) and res.rows.shape == (6, 9)
+    assert bool(one.feasible[0]) == _scipy_ok(c)
 
 
 def test_public_function_makes_exactly_one_declared_hop():
@@ -281,11 +280,12 @@ def test_cuda_solve_without_sync_and_equal_to_scipy():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            rows, cols, feasible = linear_sum_assignment_nosync(dev)
+            one = batched_linear_sum_assignment(dev[None])
             res = batched_linear_sum_assignment(torch.stack([dev, dev.flip(0)]), maximize=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert rows.is_cuda and bool(feasible)
+        rows, cols = one.rows[0, : min(c.shape)], one.cols[0, : min(c.shape)]
+        assert rows.is_cuda and bool(one.feasible[0])
         r_ref, c_ref = scipy_lsa(c)
         assert _total(c, rows.cpu().numpy(), cols.cpu().numpy()) == pytest.approx(
             _total(c, r_ref, c_ref), rel=1e-9
@@ -376,21 +376,14 @@ def test_matcher_agrees_with_transformers_and_swaps_into_its_loss():
         assert torch.allclose(loss_ref[key], loss_ours[key]), key
 
 
-def test_patched_transformers_matcher_restores_the_original():
-    pytest.importorskip("transformers")
-    from transformers import DFineConfig
+@pytest.mark.parametrize("training", [False, True])
+def test_dfine_criterion_is_transformers_loss_with_our_matcher(monkeypatch, training):
+    """A real (tiny) transformers D-FINE: `DFineCriterion` on the inner model's outputs gives the terms
+    ``model(labels=...)`` computes with transformers' own matcher (in training also the denoising
+    terms), through our matcher, and leaves transformers' module globals alone."""
+    transformers = pytest.importorskip("transformers")
     from transformers.loss import loss_d_fine
 
-    original = loss_d_fine.RTDetrHungarianMatcher
-    with patched_transformers_matcher():
-        criterion = loss_d_fine.DFineLoss(DFineConfig(num_labels=2))
-        assert isinstance(criterion.matcher, HungarianMatcher)
-    assert loss_d_fine.RTDetrHungarianMatcher is original
-
-
-def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
-    """A real (tiny) transformers D-FINE computes the same training loss with our matcher swapped in."""
-    transformers = pytest.importorskip("transformers")
     from UltramotionIGTLib.core.detector import small_dfine_config
 
     calls = []
@@ -401,9 +394,11 @@ def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
         return original_forward(self, outputs, targets)
 
     monkeypatch.setattr(HungarianMatcher, "forward", counted)
+    original_matcher = loss_d_fine.RTDetrHungarianMatcher
     torch.manual_seed(0)
     config = small_dfine_config(image_size=64, num_queries=10)
-    model = transformers.DFineForObjectDetection(config).eval()
+    model = transformers.DFineForObjectDetection(config).train(training)
+    criterion = DFineCriterion(config, "cpu")
     pixels = torch.rand(2, 3, 64, 64)
     labels = [
         {
@@ -413,10 +408,15 @@ def test_dfine_model_loss_identical_with_our_matcher(monkeypatch):
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
     ]
     with torch.no_grad():
+        torch.manual_seed(1)  # the denoising queries are random: the same draw for both
         reference = model(pixel_values=pixels, labels=labels)
-        with patched_transformers_matcher():
-            ours = model(pixel_values=pixels, labels=labels)
-    assert calls, "the patched loss did not call HungarianMatcher"
-    assert reference.loss_dict.keys() == ours.loss_dict.keys()
+        assert not calls, "transformers' own loss must not use our matcher"
+        torch.manual_seed(1)
+        loss, terms = criterion(model.model(pixels, labels=labels), labels)
+    assert calls, "DFineCriterion did not call HungarianMatcher"
+    assert loss_d_fine.RTDetrHungarianMatcher is original_matcher
+    assert reference.loss_dict.keys() == terms.keys()
+    assert any("_dn_" in key for key in terms) == training
     for key, value in reference.loss_dict.items():
-        assert torch.allclose(value, ours.loss_dict[key]), key
+        assert torch.allclose(value, terms[key]), key
+    assert torch.allclose(reference.loss, loss)

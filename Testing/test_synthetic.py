@@ -23,7 +23,6 @@ from UltramotionIGTLib.tools.phantom import (
     PhantomConfigError,
     PhantomStream,
     frames_to_arrays,
-    generate_sequence,
     mask_to_box,
     render_dataset,
 )
@@ -75,7 +74,7 @@ def test_random_access_equals_iteration_and_sequence_api():
     assert [f.index for f in stream[5:10]] == [5, 6, 7, 8, 9]
     with pytest.raises(IndexError):
         stream[30]
-    seq = generate_sequence(12, PhantomConfig(), seed=3)
+    seq = list(PhantomStream(PhantomConfig(), seed=3, n_frames=12))
     for got, want in zip(seq, iterated[:12], strict=True):
         _assert_frames_equal(got, want)
     images, stamps = frames_to_arrays(seq)

@@ -30,10 +30,9 @@ Entry points:
 
 * `linear_sum_assignment` -- scipy's contract on device tensors. It makes **one** declared host
   hop after the solve (a status byte) so that it can raise ``ValueError`` like scipy does.
-* `linear_sum_assignment_nosync` -- the same solve, never synchronises: returns a feasibility flag
-  tensor instead of raising.
 * `batched_linear_sum_assignment` -- B problems of varying sizes (``valid_rows``/``valid_cols``)
-  in one call, sync-free.
+  in one call, sync-free: a feasibility flag per problem instead of an exception (B = 1 for one
+  matrix).
 * `GraphedAssignment` -- the batched solve for one fixed shape captured as a CUDA graph (one
   launch per solve instead of thousands of small kernels).
 * `scipy_linear_sum_assignment` -- the reference (host copy + scipy), for comparison/fallback.
@@ -54,7 +53,6 @@ __all__ = [
     "GraphedAssignment",
     "batched_linear_sum_assignment",
     "linear_sum_assignment",
-    "linear_sum_assignment_nosync",
     "scipy_linear_sum_assignment",
 ]
 
@@ -336,21 +334,6 @@ class GraphedAssignment:
         return BatchedAssignment(*(t.clone() for t in self._out))
 
 
-def linear_sum_assignment_nosync(
-    cost: torch.Tensor, maximize: bool = False, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scipy's `linear_sum_assignment` on a device tensor, never synchronising with the host.
-
-    cost: RxC. Returns (row_ind, col_ind, feasible): two int64 tensors of length min(R, C) on
-    ``cost.device`` (sorted by row) and a 0-d bool tensor. Where scipy would raise ``ValueError``
-    (infeasible, NaN or -inf entries) ``feasible`` is False and the indices are -1.
-    """
-    if cost.dim() != 2:
-        raise ValueError(f"expected a matrix (2-D tensor), got a {cost.dim()}-D tensor")
-    res = batched_linear_sum_assignment(cost[None], maximize=maximize, dtype=dtype)
-    return res.rows[0], res.cols[0], res.feasible[0]
-
-
 def linear_sum_assignment(
     cost: torch.Tensor, maximize: bool = False, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +345,7 @@ def linear_sum_assignment(
     matrix; NaN or -inf entries, +inf when maximising; not 2-D).
 
     Host hops: exactly one, declared (``allowed_host_transfer``), after the solve -- reading the
-    status byte that decides whether to raise. Use `linear_sum_assignment_nosync` (a feasibility
+    status byte that decides whether to raise. Use `batched_linear_sum_assignment` (a feasibility
     flag instead of an exception) where even that must not happen.
     """
     if not isinstance(cost, torch.Tensor):

@@ -16,12 +16,6 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    """...x4 XYXY -> ...x4 CXCYWH, same device and dtype."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack(((x0 + x1) * 0.5, (y0 + y1) * 0.5, x1 - x0, y1 - y0), dim=-1)
-
-
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
     """...x4 XYXY -> ... areas (negative extents count as zero)."""
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)

@@ -11,6 +11,9 @@ model runs under ``torch.inference_mode()`` and the post-processing (sigmoid sco
 queries x classes, cxcywh -> XYXY in pixels of the input frame) is done with tensor ops. It returns
 a fixed number K of detections sorted by score, with no thresholding: the caller masks on the device.
 No ``.cpu()/.item()/.tolist()/.numpy()/bool(tensor)/nonzero`` happens in that path (a test counts them).
+Building a detector sets ``TRANSFORMERS_DISABLE_TORCH_CHECK=1`` for the whole process (once, never
+unset; a value set beforehand is kept): transformers' shape checks in D-FINE's attention would
+otherwise sync with the host once per decoder layer (see `_disable_transformers_sync_checks`).
 """
 
 from __future__ import annotations
@@ -62,22 +65,27 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 # transformers' D-FINE deformable attention checks its spatial shapes with
 # `torch_compilable_check(tensor_condition)`, which ends in `cond._is_all_true().item()`: one host
-# sync per decoder layer on CUDA. The shapes are consistent by construction, and transformers lets
-# the check be switched off with this variable, read at call time; we set it around our forward only.
+# sync per decoder layer on CUDA. transformers skips these checks when TRANSFORMERS_DISABLE_TORCH_CHECK
+# is "1", read with os.getenv at every check (transformers/utils/import_utils.py), so the switch is
+# process-wide by nature. It is therefore set once, when a detector is built, and never unset: a
+# toggle around each forward raced with other threads (one thread's restore turned the checks, and
+# their syncs, back on under another thread's forward). Safe for the whole process: the checks are
+# assertions on shapes the models derive from their own feature maps (true by construction), which
+# transformers documents as switchable off in production; no output changes.
 _TRANSFORMERS_CHECK_ENV = "TRANSFORMERS_DISABLE_TORCH_CHECK"
 
 
-@contextmanager
-def _without_transformers_sync_checks() -> Iterator[None]:
-    previous = os.environ.get(_TRANSFORMERS_CHECK_ENV)
-    os.environ[_TRANSFORMERS_CHECK_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(_TRANSFORMERS_CHECK_ENV, None)
-        else:
-            os.environ[_TRANSFORMERS_CHECK_ENV] = previous
+def _disable_transformers_sync_checks() -> None:
+    """Set ``TRANSFORMERS_DISABLE_TORCH_CHECK=1`` for the process (idempotent); a value the user set
+    explicitly is kept, with a warning that each forward then syncs with the host once per decoder layer."""
+    value = os.environ.setdefault(_TRANSFORMERS_CHECK_ENV, "1")
+    if value != "1":
+        log.warning(
+            "%s=%s keeps transformers' shape checks on: the detector's forward syncs with the host "
+            "once per decoder layer",
+            _TRANSFORMERS_CHECK_ENV,
+            value,
+        )
 
 
 @contextmanager
@@ -491,6 +499,7 @@ class DFineDetector:
             raise TypeError(
                 f"DFineDetector needs a transformers DFineForObjectDetection, got {type(model).__name__}"
             )
+        _disable_transformers_sync_checks()
         config = model.config
         if preprocessing is None:
             size = input_size if input_size is not None else getattr(config, "image_size", None)
@@ -706,7 +715,7 @@ class DFineDetector:
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model input Bx3xhxw (see `preprocess_torch`) -> (logits BxQxC, pred_boxes BxQx4 cxcywh 0..1)."""
-        with torch.inference_mode(), _without_transformers_sync_checks():
+        with torch.inference_mode():
             outputs = self._model(pixel_values=pixel_values.to(self._dtype))
         return outputs.logits, outputs.pred_boxes
 

@@ -103,11 +103,6 @@ class Tracker:
             "next_id": torch.zeros((), dtype=torch.int64, device=dev),
         }
 
-    @property
-    def confirmed(self) -> torch.Tensor:
-        """M bool: slot holds a confirmed track (has an id)."""
-        return self.alive & (self.ids >= 0)
-
     def _cost(self, boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(K + M) problem: detections x (tracks | one dummy per detection), or its transpose when M < K."""
         M, K = self.max_tracks, boxes.shape[0]

@@ -1,24 +1,25 @@
 """File formats: recorded ultrasound in (PLUS MetaImage / NRRD sequences, images, arrays), the
-segmentation sequence out. No torch needed.
+segmentation sequence out. No torch needed (tensors passed in are copied to the host).
 
-Import the public API from here (`read_sequence`, `write_segmentation_sequence`, ...).
+One module per format: `common` (data classes, geometry conventions), `metaimage`, `nrrd`, `arrays`
+(``.npy`` and in-memory arrays), `sequence` (`read_sequence` dispatch, intensity mapping, PLUS per-frame
+fields, `write_image`), `segmentation` (the segmentation sequence). Import the public API from here.
 """
 
+from UltramotionIGTLib.io.common import LPS_TO_RAS, SegmentationSequence, SegmentInfo, UltrasoundSequence
+from UltramotionIGTLib.io.segmentation import (
+    default_segments,
+    read_segmentation_sequence,
+    write_segmentation_sequence,
+)
 from UltramotionIGTLib.io.sequence import (
     BT601_WEIGHTS,
     FORMAT_READERS,
-    LPS_TO_RAS,
-    SegmentationSequence,
-    SegmentInfo,
-    UltrasoundSequence,
-    default_segments,
     luminance,
-    read_segmentation_sequence,
     read_sequence,
     reader_for,
     to_uint8,
     write_image,
-    write_segmentation_sequence,
 )
 
 __all__ = [

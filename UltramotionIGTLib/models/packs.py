@@ -41,7 +41,6 @@ import os
 import re
 import shutil
 import stat
-import struct
 import tempfile
 import time
 import zipfile
@@ -369,18 +368,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, read from its header without torch ({} if none)."""
+    """The ``__metadata__`` of a safetensors file ({} if none), read by safetensors from the header only
+    (``framework="numpy"``: no tensor is loaded, no torch needed). `CheckpointError` when unreadable."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            (length,) = struct.unpack("<Q", head)
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(length).decode("utf-8"))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata()
+    except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
+    return dict(meta) if meta else {}
 
 
 def describe_detector(pack_dir: str | Path, rel: str, name: str | None = None) -> ModelSpec:

@@ -50,7 +50,6 @@ __all__ = [
     "PhantomFrame",
     "PhantomStream",
     "frames_to_arrays",
-    "generate_sequence",
     "mask_to_box",
     "render_dataset",
     "sequence_seeds",
@@ -866,13 +865,6 @@ def _bilinear(
     top = a * (one - fx) + b * fx
     bottom = c * (one - fx) + d * fx
     return (top * (one - fy) + bottom * fy).astype(np.float32, copy=False)
-
-
-def generate_sequence(
-    n_frames: int, config: PhantomConfig | None = None, seed: int = 0
-) -> list[PhantomFrame]:
-    """Frames 0..n_frames-1 of ``PhantomStream(config, seed)`` as a list."""
-    return list(PhantomStream(config, seed=seed, n_frames=n_frames))
 
 
 def frames_to_arrays(frames: Sequence[PhantomFrame]) -> tuple[np.ndarray, np.ndarray]:

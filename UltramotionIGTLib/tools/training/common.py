@@ -8,6 +8,7 @@ a run resumed from a checkpoint sees exactly the batches an uninterrupted run wo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ HELDOUT_DATASET_SEED = 1
 TRAIN_SEQUENCES = 240
 SEQUENCE_FRAMES = 320
 CHECKPOINT_NAME = "training-state.pt"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def demo_phantom_config() -> PhantomConfig:
@@ -87,10 +91,40 @@ def heldout_set(n_frames: int = 200, frames_per_sequence: int = 8):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch and numpy; deterministic algorithms where torch has them."""
+    """Seed torch and numpy; deterministic algorithms where torch has them.
+
+    All three are process-wide: call it inside a function wrapped in `restores_torch_globals` (numpy's
+    legacy global generator is seeded for third-party code that draws from it; ours uses Generators).
+    """
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def restores_torch_globals(train: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a training function so that the process-wide settings it changes are put back on exit
+    (also on error): torch's CPU thread count (``--threads``), deterministic-algorithms mode and its
+    warn-only flag (`seed_everything`), and the RNG states of torch's CPU generator, of every CUDA
+    device already initialised on entry (``torch.random.fork_rng``) and of numpy's legacy global
+    generator. A training run is thus reproducible from its seed without leaving its seed, threads or
+    determinism to whoever called it (a test, a notebook, Slicer's Python)."""
+
+    @functools.wraps(train)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        threads = torch.get_num_threads()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        numpy_state = np.random.get_state()
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda_devices):
+                return train(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            np.random.set_state(numpy_state)
+
+    return wrapper
 
 
 @dataclass

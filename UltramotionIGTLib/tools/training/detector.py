@@ -6,9 +6,11 @@
 What the model sees is exactly what inference feeds it: phantom frames (`PhantomFramePool`, a pure
 function of the step) go through `detector.preprocess_frames` with the folder's `Preprocessing`.
 Labels are what transformers' D-FINE loss expects (``class_labels`` int64, ``boxes`` cxcywh
-normalised to 0..1), and the loss runs with our sync-free `HungarianMatcher` swapped in
-(`patched_transformers_matcher`). AdamW with linear warm-up and cosine decay, gradient clipping,
-an exponential moving average (EMA) of the weights that is what gets shipped.
+normalised to 0..1), and the loss is transformers' D-FINE loss built once with our sync-free
+`HungarianMatcher` (`DFineCriterion`; nothing of transformers is patched). AdamW with linear
+warm-up and cosine decay, gradient clipping, an exponential moving average (EMA) of the weights
+that is what gets shipped. Process-wide settings the run changes (threads, determinism, RNG) are
+restored on return (`restores_torch_globals`).
 
 Every ``checkpoint_every`` steps the full state (model, EMA, optimiser, scheduler, loss history,
 torch RNG) goes to ``DIR/training-state.pt``; a rerun with the same ``--out`` resumes from it and,
@@ -52,12 +54,13 @@ from UltramotionIGTLib.tools.training.common import (
     environment_record,
     heldout_set,
     load_training_state,
+    restores_torch_globals,
     save_training_state,
     seed_everything,
     training_kwargs,
     write_json,
 )
-from UltramotionIGTLib.tools.training.matcher import patched_transformers_matcher
+from UltramotionIGTLib.tools.training.matcher import DFineCriterion
 
 __all__ = [
     "DEMO_DETECTOR_CONFIG",
@@ -237,6 +240,7 @@ def _history_summary(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+@restores_torch_globals
 def train_detector(
     out_dir: str | Path,
     steps: int = 4000,
@@ -265,7 +269,8 @@ def train_detector(
 
     ``steps`` optimiser steps of ``batch_size`` phantom frames (256x256) each; ``model_kwargs``
     override `DEMO_DETECTOR_CONFIG` (e.g. a tiny config for tests). ``device``: auto | cpu | cuda.
-    ``threads`` sets ``torch.set_num_threads`` (None: leave it). Resumes from
+    ``threads`` sets ``torch.set_num_threads`` for the run (None: leave it; process-wide settings are
+    restored on return, see `restores_torch_globals`). Resumes from
     ``out_dir/training-state.pt`` when ``resume`` (the arguments must match). ``repeat_batch``
     trains on the batch of step 0 every step (an overfit check). ``heldout_frames=0`` skips the
     held-out evaluation. ``stop_after`` simulates an interruption: the run stops once that many steps
@@ -360,31 +365,31 @@ def train_detector(
         bar = tqdm(total=steps, initial=start, desc="train detector", unit="step", dynamic_ncols=True)
     model.train()
     running = None
-    with patched_transformers_matcher(use_gpu_match=True):
-        for step in range(start, steps):
-            frames = pool.batch(0 if repeat_batch else step, batch_size)
-            pixel_values, labels = frames_to_inputs(frames, preprocessing, target)
-            outputs = model(pixel_values=pixel_values, labels=labels)
-            loss = outputs.loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-            optimizer.step()
-            scheduler.step()
-            ema.update(model)
-            value = float(loss.detach())
-            running = value if running is None else 0.98 * running + 0.02 * value
-            history.append({"step": step + 1, "loss": value, "lr": float(optimizer.param_groups[0]["lr"])})
+    criterion = DFineCriterion(config, target, use_gpu_match=True)
+    for step in range(start, steps):
+        frames = pool.batch(0 if repeat_batch else step, batch_size)
+        pixel_values, labels = frames_to_inputs(frames, preprocessing, target)
+        # the inner DFineModel: labels make its denoising queries; the loss is ours (see DFineCriterion)
+        loss, _ = criterion(model.model(pixel_values, labels=labels), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        history.append({"step": step + 1, "loss": value, "lr": float(optimizer.param_groups[0]["lr"])})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", avg=f"{running:.3f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            checkpoint(step + 1, wall_before + time.perf_counter() - t0)
+        if stop_after is not None and step + 1 >= stop_after:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", avg=f"{running:.3f}")
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                checkpoint(step + 1, wall_before + time.perf_counter() - t0)
-            if stop_after is not None and step + 1 >= stop_after:
-                if bar is not None:
-                    bar.close()
-                return {"stopped_at": step + 1}
+                bar.close()
+            return {"stopped_at": step + 1}
     if bar is not None:
         bar.close()
     wall = wall_before + time.perf_counter() - t0

@@ -1,12 +1,10 @@
 """`HungarianMatcher(use_gpu_match=...)`: the DETR / RT-DETR / D-FINE training matcher (predictions <->
 ground truth) on the sync-free solver of `UltramotionIGTLib.core.assignment`, or scipy, and
-`patched_transformers_matcher` to put it into transformers' D-FINE loss during training.
+`DFineCriterion`: transformers' D-FINE training loss with that matcher, for one training run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,7 +15,7 @@ from UltramotionIGTLib.core.assignment import batched_linear_sum_assignment, sci
 from UltramotionIGTLib.core.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from UltramotionIGTLib.core.hostsync import allowed_host_transfer
 
-__all__ = ["HungarianMatcher", "patched_transformers_matcher"]
+__all__ = ["DFineCriterion", "HungarianMatcher"]
 
 
 class HungarianMatcher(nn.Module):
@@ -35,8 +33,7 @@ class HungarianMatcher(nn.Module):
     cost matrix goes to the host and scipy solves it (indices come back on the logits' device).
 
     Swap-in for transformers' D-FINE / RT-DETR loss: ``criterion.matcher =
-    HungarianMatcher.from_config(config)`` on a ``DFineLoss``/``RTDetrLoss``, or wrap the model's
-    forward in `patched_transformers_matcher()` (the loss builds its matcher per call).
+    HungarianMatcher.from_config(config)`` on a ``DFineLoss``/``RTDetrLoss`` (what `DFineCriterion` does).
     """
 
     def __init__(
@@ -125,23 +122,108 @@ class HungarianMatcher(nn.Module):
         return [(res.rows[b, : min(nq, t)], res.cols[b, : min(nq, t)]) for b, t in enumerate(sizes)]
 
 
-@contextmanager
-def patched_transformers_matcher(use_gpu_match: bool = True) -> Iterator[None]:
-    """Make transformers' D-FINE and RT-DETR losses use `HungarianMatcher` inside this block.
+class DFineCriterion:
+    """transformers' D-FINE training loss (``DFineLoss``: VFL, L1, GIoU, FGL, DDF, with the auxiliary,
+    encoder and denoising terms) computed with `HungarianMatcher` as its matcher.
 
-    ``DFineForObjectDetectionLoss`` builds ``DFineLoss(config)`` (and its ``RTDetrHungarianMatcher``)
-    at every call, so the class those modules look up is swapped for a factory of ours and restored
-    on exit.
+    transformers' ``DFineForObjectDetection(labels=...)`` builds a new ``DFineLoss`` (and its scipy
+    matcher, a module global of ``transformers.loss``) at every call, so the only way to give that
+    path our matcher is to swap a module global for the whole process. Here the loss is built once,
+    owns our matcher, and the training step calls the model without the loss::
+
+        outputs = model.model(pixel_values, labels=labels)  # DFineModel: denoising queries from labels
+        loss, terms = criterion(outputs, labels)
+
+    which gives exactly what ``model(pixel_values, labels=labels).loss`` gives with our matcher (a
+    test compares the terms). ``DFineLoss`` keeps per-call scratch values on itself, so one criterion
+    belongs to one training run (one thread). config: the model's ``DFineConfig``; device: where the
+    model runs.
     """
-    from transformers.loss import loss_d_fine, loss_rt_detr
 
-    def factory(config: Any) -> HungarianMatcher:
-        return HungarianMatcher.from_config(config, use_gpu_match=use_gpu_match)
+    def __init__(self, config: Any, device: torch.device | str, use_gpu_match: bool = True) -> None:
+        from transformers.loss.loss_d_fine import DFineLoss
 
-    saved = (loss_d_fine.RTDetrHungarianMatcher, loss_rt_detr.RTDetrHungarianMatcher)
-    loss_d_fine.RTDetrHungarianMatcher = factory
-    loss_rt_detr.RTDetrHungarianMatcher = factory
-    try:
-        yield
-    finally:
-        loss_d_fine.RTDetrHungarianMatcher, loss_rt_detr.RTDetrHungarianMatcher = saved
+        self.config = config
+        self.loss = DFineLoss(config).to(device)
+        self.loss.matcher = HungarianMatcher.from_config(config, use_gpu_match=use_gpu_match)
+
+    def __call__(
+        self, outputs: Any, labels: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """outputs: a ``DFineModelOutput`` of ``model.model(pixel_values, labels=labels)``; labels: per
+        image ``{"class_labels": T int64, "boxes": T x 4 cxcywh 0..1}``. Returns (the summed loss, the
+        weighted terms by name), as ``DFineForObjectDetection`` reports ``loss`` and ``loss_dict``."""
+        terms = self.loss(self.loss_inputs(outputs), labels)
+        return sum(terms.values()), terms
+
+    def loss_inputs(self, outputs: Any) -> dict[str, Any]:
+        """The dict ``DFineLoss`` reads, from the decoder's per-layer outputs (B x layers x queries x ...).
+
+        The matched queries' last layer gives ``logits`` / ``pred_boxes`` (clamped to 0..1). With
+        ``config.auxiliary_loss``: every earlier layer (with the last layer's corners and logits as
+        the distillation teacher) and the encoder's top-k proposals go to ``auxiliary_outputs``; in
+        training the denoising queries (the first ``dn_num_split[0]`` queries) go, layer by layer
+        with their own last layer as teacher, to ``dn_auxiliary_outputs``.
+        """
+        meta = outputs.denoising_meta_values  # None outside training
+        split = meta["dn_num_split"] if meta is not None else None
+
+        def matched_and_denoising(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if split is None:
+                return t, None
+            dn, matched = torch.split(t, split, dim=dim)
+            return matched, dn
+
+        logits, _ = matched_and_denoising(outputs.intermediate_logits[:, -1], dim=1)
+        boxes, _ = matched_and_denoising(outputs.intermediate_reference_points[:, -1], dim=1)
+        inputs: dict[str, Any] = {"logits": logits, "pred_boxes": boxes.clamp(min=0, max=1)}
+        if not self.config.auxiliary_loss:
+            return inputs
+        layer_boxes, dn_boxes = matched_and_denoising(
+            outputs.intermediate_reference_points.clamp(min=0, max=1), 2
+        )
+        layer_logits, dn_logits = matched_and_denoising(outputs.intermediate_logits, 2)
+        corners, dn_corners = matched_and_denoising(outputs.intermediate_predicted_corners, 2)
+        refs, dn_refs = matched_and_denoising(outputs.initial_reference_points, 2)
+        inputs["auxiliary_outputs"] = _per_layer(
+            layer_logits[:, :-1],
+            layer_boxes[:, :-1],
+            corners[:, :-1],
+            refs[:, :-1],
+            corners[:, -1],
+            layer_logits[:, -1],
+        )
+        inputs["auxiliary_outputs"].append(
+            {"logits": outputs.enc_topk_logits, "pred_boxes": outputs.enc_topk_bboxes.clamp(min=0, max=1)}
+        )
+        if meta is not None:
+            inputs["dn_auxiliary_outputs"] = _per_layer(
+                dn_logits, dn_boxes, dn_corners, dn_refs, dn_corners[:, -1], dn_logits[:, -1]
+            )
+            inputs["denoising_meta_values"] = meta
+        return inputs
+
+
+def _per_layer(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    corners: torch.Tensor,
+    refs: torch.Tensor,
+    teacher_corners: torch.Tensor,
+    teacher_logits: torch.Tensor,
+) -> list[dict[str, torch.Tensor]]:
+    """B x layers x ... tensors -> one ``DFineLoss`` output dict per layer, paired by position.
+
+    The decoder reports one more logits/boxes entry than corners/reference points; pairing stops at the
+    shorter, as transformers' D-FINE loss pairs them."""
+    return [
+        {
+            "logits": logits[:, layer],
+            "pred_boxes": boxes[:, layer],
+            "pred_corners": corners[:, layer],
+            "ref_points": refs[:, layer],
+            "teacher_corners": teacher_corners,
+            "teacher_logits": teacher_logits,
+        }
+        for layer in range(min(logits.shape[1], boxes.shape[1], corners.shape[1], refs.shape[1]))
+    ]

@@ -63,6 +63,7 @@ from UltramotionIGTLib.tools.training.common import (
     environment_record,
     heldout_set,
     load_training_state,
+    restores_torch_globals,
     save_training_state,
     seed_everything,
     training_kwargs,
@@ -238,6 +239,7 @@ def _summarise(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+@restores_torch_globals
 def train_sam(
     out_dir: str | Path,
     steps: int = 6000,
@@ -260,7 +262,8 @@ def train_sam(
 
     ``out_dir``: created if needed; an existing ``training-state.pt`` there is resumed when
     ``resume`` (the arguments must match the saved ones). ``device``: ``cpu``/``cuda``/``auto``.
-    ``threads``: torch CPU threads (None leaves torch's setting). ``stop_at``: stop after this step
+    ``threads``: torch CPU threads for the run (None leaves torch's setting; process-wide settings are
+    restored on return, see `restores_torch_globals`). ``stop_at``: stop after this step
     with a checkpoint, as if interrupted (for tests); the final files are written only when all
     ``steps`` are done (then the report is returned, else ``{"stopped_at": step}``).
     ``heldout_frames``: frames of `heldout_set` for the final Dice (0 skips it).
