@@ -17,6 +17,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "sam": ("UltramotionIGTLib.tools.benchmarks.sam", "official SamPredictor loop vs batched box prompts"),
     "mrml": ("UltramotionIGTLib.tools.benchmarks.mrml", "per-frame segmentation node update (slicer-core)"),
+    "gateway": (
+        "UltramotionIGTLib.tools.benchmarks.gateway",
+        "OpenIGTLink gateway round trip vs in-process pipeline, throughput",
+    ),
 }
 
 

@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "UltramotionIGTLib.tools.demo:main",
         "run a synthetic sequence through the pipeline with the demo models",
     ),
+    "serve": (
+        "UltramotionIGTLib.services.gateway:main",
+        "OpenIGTLink gateway: PLUS (or --replay FILE) in, label maps to Slicer out",
+    ),
     "bench": ("UltramotionIGTLib.tools.bench:main", "benchmarks: side-by-side ratios from one run"),
     "audit": ("UltramotionIGTLib.tools.audit.cli:main", "static (AST) and runtime GPU->CPU transfer audit"),
     "doctor": ("UltramotionIGTLib.tools.doctor:main", "pre-flight check of torch, CUDA and model files"),
