@@ -169,7 +169,9 @@ def segments_from_metadata(metadata: Mapping[str, str]) -> list[LabelSegment]:
         try:
             count = int(str(metadata[META_SEGMENT_COUNT]).strip())
         except ValueError:
-            raise ValueError(f"{META_SEGMENT_COUNT} = {metadata[META_SEGMENT_COUNT]!r} is not a number") from None
+            raise ValueError(
+                f"{META_SEGMENT_COUNT} = {metadata[META_SEGMENT_COUNT]!r} is not a number"
+            ) from None
     segments = []
     n = 0
     while (n < count) if count is not None else (f"Segment{n}_LabelValue" in metadata):
