@@ -567,8 +567,14 @@ def test_serve_refuses_bad_options_with_exit_code_2(capsys, tmp_path):
     assert main(["serve", "--plus", "localhost:notaport", "--device", "cpu"]) == 2
     assert main(["serve", "--replay", str(tmp_path / "missing.igs.mha"), "--device", "cpu"]) == 2
     assert main(["serve", "--output-name", "x" * 21, "--device", "cpu"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--plus", "127.0.0.1:9", "--listen", port, "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "HOST:PORT" in err and "missing.igs.mha" in err and "20 bytes" in err
+    assert f"cannot listen on 127.0.0.1:{port}" in err
 
 
 def test_bench_gateway_reports_round_trip_next_to_in_process(capsys):
@@ -586,3 +592,82 @@ def test_bench_gateway_reports_round_trip_next_to_in_process(capsys):
     assert (
         open_loop["answered"] + sum(open_loop["dropped_by_cause"].values()) == open_loop["frames_sent"] == 4
     )
+
+
+def test_recorder_streams_a_readable_sequence_and_widens_past_255_segments(tmp_path):
+    from UltramotionIGTLib.core.packet import HostResult
+    from UltramotionIGTLib.io import read_segmentation_sequence
+    from UltramotionIGTLib.services.gateway import InputFrame
+    from UltramotionIGTLib.services.recorder import StreamRecorder
+
+    rng = np.random.default_rng(3)
+    a = np.deg2rad(30.0)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag(
+        [0.2, 0.3, 1.0]
+    )
+    matrix[:3, 3] = (-12.5, 40.0, 7.0)
+    h, w = 12, 16
+
+    def frame(i, shape=(h, w)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        return InputFrame(i, "Image", image, matrix, "ras", 100.0 + i / 30, {}, 0.0, 0.0)
+
+    def result(i, shape=(h, w)):
+        mask = np.zeros((1, *shape), bool)
+        mask[0, 2:5, 3:7] = True
+        return HostResult(
+            i, shape, np.array([[3, 2, 7, 5]], np.float32), np.array([0.9], np.float32), np.array([0]),
+            np.array([[4.5, 3.0]], np.float32), np.array([12.0], np.float32), np.array([1]), mask,
+        )  # fmt: skip
+
+    recorder = StreamRecorder(tmp_path, "test", {"device": "cpu"})
+    labels = []
+    for i in range(3):
+        labelmap = rng.integers(0, 4, (h, w), dtype=np.uint8)
+        recorder.write_frame(
+            frame(i), result(i), labelmap, [(1, "vessel-1", (0.9, 0.25, 0.25))], {"event": "frame"}
+        )
+        labels.append(labelmap)
+    running = read_segmentation_sequence(tmp_path / "segmentation.seq.nhdr")  # readable while recording
+    np.testing.assert_array_equal(running.labelmaps, np.stack(labels))
+    np.testing.assert_allclose(running.ijk_to_ras(), matrix, atol=1e-12)
+    recorder.write_frame(
+        frame(3, (5, 5)), result(3, (5, 5)), np.zeros((5, 5), np.uint8), [], {"event": "frame"}
+    )
+    wide = rng.integers(0, 300, (h, w)).astype(np.uint16)  # a stream past 255 segments
+    recorder.write_frame(
+        frame(4), result(4), wide, [(300, "vessel-300", (0.9, 0.25, 0.25))], {"event": "frame"}
+    )
+    labels.append(wide)
+    summary = recorder.close({"frames_out": 5})
+
+    assert summary["recorded_frames"] == 4 and summary["skipped_size"] == 1
+    assert not (tmp_path / "segmentation.seq.nhdr").exists()
+    seg = read_segmentation_sequence(tmp_path / "segmentation.seq.nrrd")
+    assert seg.labelmaps.dtype == np.uint16
+    np.testing.assert_array_equal(seg.labelmaps, np.stack(labels).astype(np.uint16))
+    np.testing.assert_allclose(seg.timestamps, [100 + i / 30 for i in (0, 1, 2, 4)])
+    assert [s.value for s in seg.segments] == [300]
+    lines = [json.loads(line) for line in (tmp_path / "kpi.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["start"] + ["frame"] * 5 + ["summary"]
+    np.testing.assert_allclose(np.reshape(lines[1]["ijk_to_ras"], (4, 4)), matrix)
+    assert json.loads((tmp_path / "summary.json").read_text())["recorded_frames"] == 4
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core checks that Slicer reads the recording")
+    import vtk
+    from vtk.util import numpy_support
+
+    scene = slicer.vtkMRMLScene()
+    storage, sequence = slicer.vtkMRMLVolumeSequenceStorageNode(), slicer.vtkMRMLSequenceNode()
+    scene.AddNode(storage)
+    scene.AddNode(sequence)
+    storage.SetFileName(str(tmp_path / "segmentation.seq.nrrd"))
+    assert storage.ReadData(sequence) == 1
+    assert sequence.GetNumberOfDataNodes() == 4
+    volume = sequence.GetNthDataNode(3)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], matrix, atol=1e-9)
+    voxels = numpy_support.vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars()).reshape(h, w)
+    np.testing.assert_array_equal(voxels, wide)

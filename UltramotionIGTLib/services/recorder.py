@@ -110,11 +110,12 @@ class StreamRecorder:
     ) -> None:
         """Append one processed frame: ``frame`` (`InputFrame`), its `HostResult`, its HxW labelmap
         (uint8/uint16 stable values), the stream's segments so far, its KPI record."""
-        line = dict(record)
+        # KPI values are rounded to 4 decimals by format_kpi; matrices keep full precision
+        line = json.loads(format_kpi(record))
         line["ijk_to_ras"] = [float(v) for v in np.asarray(frame.ijk_to_ras, np.float64).reshape(-1)]
         if pose_matrix is not None:
             line["pose_matrix"] = [float(v) for v in np.asarray(pose_matrix, np.float64).reshape(-1)]
-        safe_log_kpi(format_kpi(line), self.sink)
+        safe_log_kpi(json.dumps(line, separators=(",", ":")), self.sink)
         shape = tuple(labelmap.shape)
         if self._shape is None:
             self._shape = shape
