@@ -54,10 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from UltramotionIGTLib.core.kpi import LatencyStats
+from UltramotionIGTLib.core.kpi import LatencyStats, format_kpi
 from UltramotionIGTLib.errors import InputFileError, UltramotionError
 from UltramotionIGTLib.services import protocol
-from UltramotionIGTLib.services.igtl import BadMessage, IgtlClient, IgtlServer, crc_is_native
+from UltramotionIGTLib.services.igtl import BadMessage, IgtlClient, IgtlServer, crc_is_native, pyigtl_module
 from UltramotionIGTLib.slicer.sessions import SAME_CLOCK_TOLERANCE_S
 
 LOG = logging.getLogger("UltramotionIGTLib.services.gateway")
@@ -393,18 +393,23 @@ def frame_kpi_record(
     )
 
 
+_POINT_MESSAGE_CLASS: type | None = None
+
+
 def _point_message_class() -> type:
-    import pyigtl
+    """pyigtl's POINT, allowed to carry zero points (a frame without targets clears the list)."""
+    global _POINT_MESSAGE_CLASS
+    if _POINT_MESSAGE_CLASS is None:
+        base = pyigtl_module().PointMessage
 
-    class TargetPointMessage(pyigtl.PointMessage):
-        """pyigtl's POINT, allowed to carry zero points (a frame without targets clears the list)."""
+        class TargetPointMessage(base):
+            def _pack_content(self) -> bytes:
+                if self.positions is None or len(self.positions) == 0:
+                    return b""
+                return super()._pack_content()
 
-        def _pack_content(self) -> bytes:
-            if self.positions is None or len(self.positions) == 0:
-                return b""
-            return super()._pack_content()
-
-    return TargetPointMessage
+        _POINT_MESSAGE_CLASS = TargetPointMessage
+    return _POINT_MESSAGE_CLASS
 
 
 class Gateway:
@@ -479,7 +484,11 @@ class Gateway:
         if self.config.record_dir is not None:
             from UltramotionIGTLib.services.recorder import StreamRecorder
 
-            self._recorder = StreamRecorder(self.config.record_dir, self.source, self.pipeline.describe())
+            try:
+                self._recorder = StreamRecorder(self.config.record_dir, self.source, self.pipeline.describe())
+            except OSError as exc:
+                self.server.stop()
+                raise UltramotionError(f"cannot record into {self.config.record_dir}: {exc}") from exc
         self._started_at = time.perf_counter()
         self._worker = threading.Thread(target=self._work, name="gateway-worker", daemon=True)
         self._worker.start()
@@ -506,6 +515,8 @@ class Gateway:
         """Stop receiving, finish the frame in progress, close clients and ``record_dir``; the summary."""
         if self._summary is not None:
             return self._summary
+        if not self.started:
+            raise RuntimeError("the gateway was not started")
         self._stopping.set()
         self.plus.stop()
         if self._worker is not None:
@@ -683,12 +694,9 @@ class Gateway:
             sync_kpi=sync_kpi,
             pose=None if pose is None else {"name": pose[0], "dt_ms": (pose[2] - frame.timestamp) * 1000.0},
         )
-        from UltramotionIGTLib.core.kpi import format_kpi
-
-        kpi_text = format_kpi(record)
-        import pyigtl
-
-        kpi_msg = pyigtl.StringMessage(kpi_text, timestamp=frame.timestamp, device_name=names.kpi)
+        kpi_msg = pyigtl_module().StringMessage(
+            format_kpi(record), timestamp=frame.timestamp, device_name=names.kpi
+        )
         kpi_msg.header_version = 2
         payload.append(kpi_msg.pack())
         queued, dropped = self.server.broadcast(b"".join(payload))
@@ -768,7 +776,7 @@ class Gateway:
         pose: tuple[str, np.ndarray, float] | None,
     ) -> tuple[Any, Any, Any]:
         """The frame's TRANSFORM (None without a pose), IMAGE and POINT messages (pyigtl)."""
-        import pyigtl
+        pyigtl = pyigtl_module()
 
         transform = None
         if pose is not None:

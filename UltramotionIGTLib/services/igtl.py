@@ -65,7 +65,8 @@ _POLL_S = 0.1
 _RECV_BYTES = 1 << 20
 
 
-def _pyigtl() -> Any:
+def pyigtl_module() -> Any:
+    """The pyigtl module (imported on first use), or a clear error when it is missing."""
     try:
         return importlib.import_module("pyigtl")
     except ImportError as exc:  # a runtime dependency; say how to get it
@@ -113,7 +114,7 @@ def _parse_header(buf: bytearray | bytes, offset: int = 0) -> dict[str, Any] | N
         dname.rstrip(b"\x00").decode("utf-8")
     except UnicodeDecodeError:
         return None
-    fields = _pyigtl().MessageBase.parse_header(bytes(buf[offset : offset + HEADER_SIZE]))
+    fields = pyigtl_module().MessageBase.parse_header(bytes(buf[offset : offset + HEADER_SIZE]))
     fields["crc"] = crc
     return fields
 
@@ -224,7 +225,7 @@ class MessageReader:
             start = i + 1
 
     def _decode(self, header: dict[str, Any], body: bytes) -> Any:
-        pyigtl = _pyigtl()
+        pyigtl = pyigtl_module()
         mtype, name = header["message_type"], header["device_name"]
         if self.check_crc:
             crc = pyigtl.messages.CRC64(body)
@@ -651,7 +652,8 @@ class IgtlClient:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _deliver(self, items: list[Any]) -> None:
         if self.on_message is None:

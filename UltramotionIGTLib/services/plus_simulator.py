@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from UltramotionIGTLib.services.igtl import IgtlServer
+from UltramotionIGTLib.services.igtl import IgtlServer, pyigtl_module
 
 LOG = logging.getLogger("UltramotionIGTLib.services.plus_simulator")
 
@@ -101,7 +101,8 @@ class PlusSimulator:
     def stop(self, timeout: float = 2.0) -> None:
         """Stop streaming and close every connection (clients see the server go away)."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self.server.stop(timeout)
 
     def _client_gone(self, connection: Any, reason: str) -> None:
@@ -120,7 +121,7 @@ class PlusSimulator:
 
     def _frame_payload(self, i: int) -> tuple[list[Any], Any]:
         """(TRANSFORM messages, IMAGE message) for frame ``i``, timestamps filled in at send time."""
-        import pyigtl
+        pyigtl = pyigtl_module()
 
         seq = self.sequence
         transforms = []
