@@ -43,11 +43,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(cond, timeout: float = 20.0, what: str = "condition") -> None:
+def wait_until(cond, timeout: float = 90.0, what: str = "condition", gateway=None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            state = f" (gateway: {gateway.status_line()})" if gateway is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{state}")
         time.sleep(0.02)
 
 
@@ -219,13 +220,15 @@ def served(pipeline, recording, tmp_path_factory):
     sim = None
     try:
         wait_until(lambda: gw.server.connections, what="the Slicer-side client")
-        sim = PlusSimulator(recording, rate_hz=30.0, port=plus_port, passes=1)
+        sim = PlusSimulator(recording, rate_hz=30.0, port=plus_port, passes=1, queue_limit=64)
         sim.start()
-        wait_until(sim.done.is_set, 30, "the simulator to finish")
+        wait_until(lambda: sim.done.is_set() and sim.drained(), 90, "the simulator to finish")
         sent = sim.frames_sent
-        wait_until(lambda: gw.stats()["frames_in"] == sent and accounted(gw), 30, "every frame accounted for")
+        wait_until(
+            lambda: gw.stats()["frames_in"] == sent and accounted(gw), 90, "every frame accounted for", gw
+        )
         processed = gw.stats()["processed"]
-        wait_until(lambda: len(client.of("STRING")) >= processed, 10, "the results of every processed frame")
+        wait_until(lambda: len(client.of("STRING")) >= processed, 90, "the results of every processed frame")
     finally:
         client.stop()
         summary = gw.stop()
@@ -389,23 +392,25 @@ def test_plus_killed_and_restarted_mid_stream(pipeline, recording, caplog):
     sims = []
     try:
         wait_until(lambda: gw.server.connections, what="the Slicer-side client")
-        first = PlusSimulator(recording, rate_hz=30.0, port=plus_port, passes=1)
+        first = PlusSimulator(recording, rate_hz=30.0, port=plus_port, passes=1, queue_limit=64)
         sims.append(first)
         first.start()
-        wait_until(lambda: first.frames_scheduled >= 8, 30, "8 frames from the first PLUS")
+        wait_until(lambda: first.frames_scheduled >= 8, 90, "8 frames from the first PLUS")
         first.stop()  # PLUS goes away in the middle of the recording
-        wait_until(lambda: not gw.plus.connected, 10, "the gateway to notice")
-        wait_until(lambda: gw.plus.failed_attempts >= 2, 10, "reconnection attempts")
+        wait_until(lambda: not gw.plus.connected, 90, "the gateway to notice")
+        wait_until(lambda: gw.plus.failed_attempts >= 2, 90, "reconnection attempts")
         restarted_at = time.time()
-        second = PlusSimulator(recording, rate_hz=30.0, port=plus_port, passes=1)
+        second = PlusSimulator(recording, rate_hz=30.0, port=plus_port, passes=1, queue_limit=64)
         sims.append(second)
         second.start()
-        wait_until(second.done.is_set, 30, "the restarted PLUS to finish")
+        wait_until(lambda: second.done.is_set() and second.drained(), 90, "the restarted PLUS to finish")
         sent = first.frames_sent + second.frames_sent
-        wait_until(lambda: gw.stats()["frames_in"] == sent and accounted(gw), 30, "every frame accounted for")
+        wait_until(
+            lambda: gw.stats()["frames_in"] == sent and accounted(gw), 90, "every frame accounted for", gw
+        )
         wait_until(
             lambda: any(m.timestamp > restarted_at for m in client.of("IMAGE")),
-            10,
+            90,
             "results after the restart",
         )
     finally:
@@ -437,21 +442,21 @@ def test_slicer_side_connects_late_stalls_and_disconnects(pipeline, recording, c
     try:
         # late: frames processed while no client listens are counted; nothing waits for a client
         wait_until(
-            lambda: gw.stats()["processed_without_client"] >= 2, 30, "frames processed without a client"
+            lambda: gw.stats()["processed_without_client"] >= 2, 90, "frames processed without a client"
         )
         # stalls: a client that connects and never reads, beside a live one
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", gw.listen_port))
         client = RecordingClient(gw.listen_port)
-        wait_until(lambda: gw.server.disconnects["stalled"] == 1, 40, "the stalled client to be dropped")
+        wait_until(lambda: gw.server.disconnects["stalled"] == 1, 90, "the stalled client to be dropped")
         n = len(client.of("IMAGE"))
-        wait_until(lambda: len(client.of("IMAGE")) >= n + 2, 30, "results to keep flowing to the live client")
+        wait_until(lambda: len(client.of("IMAGE")) >= n + 2, 90, "results to keep flowing to the live client")
         # disconnects: the gateway goes on without clients
         client.stop()
-        wait_until(lambda: not gw.server.connections, 10, "the gateway to see the client go")
+        wait_until(lambda: not gw.server.connections, 90, "the gateway to see the client go")
         done = gw.stats()["processed"]
-        wait_until(lambda: gw.stats()["processed"] >= done + 2, 30, "processing to go on")
+        wait_until(lambda: gw.stats()["processed"] >= done + 2, 90, "processing to go on")
     finally:
         if client is not None:
             client.stop()
@@ -502,10 +507,10 @@ def test_garbage_and_unsupported_messages_are_counted_and_the_stream_goes_on(pip
         image_message(frame, timestamp=time.time()).pack(),
     ]
     try:
-        wait_until(lambda: plus.connections and gw.plus.connected, 10, "the gateway to connect")
+        wait_until(lambda: plus.connections and gw.plus.connected, 90, "the gateway to connect")
         plus.broadcast(b"".join(stream))
         wait_until(
-            lambda: gw.stats()["frames_in"] == 3 and accounted(gw), 30, "the valid frames to be handled"
+            lambda: gw.stats()["frames_in"] == 3 and accounted(gw), 90, "the valid frames to be handled"
         )
         alive = gw.plus.connected
     finally:

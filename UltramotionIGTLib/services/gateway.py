@@ -47,7 +47,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -612,35 +612,41 @@ class Gateway:
 
     # -- processing ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        audit_cm: Any = nullcontext()
-        if self.config.sync_audit:
-            from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+        with ExitStack() as stack:
+            audit = None
+            if self.config.sync_audit:
+                from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
 
-            audit_cm = RuntimeTransferAudit(self.pipeline.device, cuda_profiler=False)
-        with audit_cm as audit:
+                try:
+                    audit = stack.enter_context(
+                        RuntimeTransferAudit(self.pipeline.device, cuda_profiler=False)
+                    )
+                except RuntimeError as exc:  # one audit per process: another one is active, go on without
+                    LOG.warning("host syncs are not counted: %s", exc)
             while not self._stopping.is_set():
                 frame = self._mailbox.take(timeout=0.1)
-                if frame is not None:
+                if frame is None:
+                    continue
+                try:
                     self._process(frame, audit)
+                except Exception as exc:  # noqa: BLE001 - one failed frame is counted, the stream goes on
+                    with self._lock:
+                        self._stats.dropped["pipeline_error"] += 1
+                    self._throttle(
+                        ("pipeline", type(exc).__name__),
+                        logging.ERROR,
+                        "frame %d failed: %s: %s",
+                        frame.index,
+                        type(exc).__name__,
+                        exc,
+                    )
 
     def _process(self, frame: InputFrame, audit: Any) -> None:
+        """One frame: pipeline, messages, queued for the clients, recorded. Raises on failure."""
         t_start = time.perf_counter()
-        try:
-            with audit.frame(frame.index) if audit is not None else nullcontext():
-                packet = self.pipeline.process_frame(frame.image, frame.index, frame.timestamp)
-                result = packet.to_host()
-        except Exception as exc:  # noqa: BLE001 - one failed frame is counted, the stream goes on
-            with self._lock:
-                self._stats.dropped["pipeline_error"] += 1
-            self._throttle(
-                ("pipeline", type(exc).__name__),
-                logging.ERROR,
-                "frame %d failed: %s: %s",
-                frame.index,
-                type(exc).__name__,
-                exc,
-            )
-            return
+        with audit.frame(frame.index) if audit is not None else nullcontext():
+            packet = self.pipeline.process_frame(frame.image, frame.index, frame.timestamp)
+            result = packet.to_host()
         t_host = time.perf_counter()
         sync_kpi: dict[str, Any] = {}
         if audit is not None and audit.last_frame is not None:

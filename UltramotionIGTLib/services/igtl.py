@@ -328,6 +328,7 @@ class Connection:
         self.payloads_dropped = 0
         self.bytes_sent = 0
         self._queue: deque[bytes] = deque()
+        self._sending = False
         self._cond = threading.Condition()
         self._alive = 2
         self._threads = [
@@ -343,6 +344,12 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being sent."""
+        with self._cond:
+            return not self._queue and not self._sending
 
     def enqueue(self, payload: bytes) -> bool:
         """Queue ``payload`` for sending; returns False when an older payload was dropped to make room
@@ -430,6 +437,7 @@ class Connection:
                     if self.closed:
                         break
                     payload = self._queue.popleft()
+                    self._sending = True
                 try:
                     _send_all(self.sock, payload, self.send_timeout_s, lambda: self.closed)
                 except TimeoutError as exc:
@@ -439,6 +447,9 @@ class Connection:
                     if not self.closed:
                         self.close(f"send failed ({type(exc).__name__}: {exc})")
                     break
+                finally:
+                    with self._cond:
+                        self._sending = False
                 self.payloads_sent += 1
                 self.bytes_sent += len(payload)
         finally:
@@ -740,5 +751,6 @@ class IgtlClient:
                 break
             last_data = time.monotonic()
             self._deliver(reader.feed(data))
-        self._deliver(reader.close())
+        if not self._stop.is_set():  # a message cut short by our own stop is not the peer's fault
+            self._deliver(reader.close())
         return reason

@@ -45,7 +45,8 @@ class PlusSimulator:
     ``sequence``: an `UltrasoundSequence` with uint8 frames (N x H x W, or N x H x W x 3 sent as RGB).
     ``queue_limit``: frames queued per client before the oldest is dropped (as a server that
     streams live would). Counters: ``frames_scheduled`` (frames due), ``frames_sent`` (frames fully
-    written to at least one client), ``passes_done``. ``done`` is set after the last pass.
+    written to a client socket), ``passes_done``. ``done`` is set after the last pass has been
+    scheduled; `drained` says when the clients' queues have been written out too.
     """
 
     def __init__(
@@ -90,6 +91,10 @@ class PlusSimulator:
     def frames_sent(self) -> int:
         """Frames whose messages were fully written to a client socket (summed over clients)."""
         return sum(c.payloads_sent for c in self.server.connections) + sum(self._sent_before.values())
+
+    def drained(self) -> bool:
+        """True when every connected client has been sent everything queued for it."""
+        return all(c.idle for c in self.server.connections)
 
     def start(self) -> int:
         """Listen and start streaming; returns the port. Raises OSError when the port is taken."""
