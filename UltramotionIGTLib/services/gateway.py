@@ -1,9 +1,10 @@
-"""The OpenIGTLink gateway: frames from a PLUS server in, label maps to Slicer out (``ultramotion-igt serve``).
+"""The OpenIGTLink gateway (``ultramotion-igt serve``): frames from a PLUS server in, label maps out.
 
 ::
 
-    PLUS server --IMAGE/TRANSFORM--> [IgtlClient] -> mailbox (1 slot) -> [worker: Pipeline] -> [IgtlServer] --> Slicer
-     (18944)                           receive thread     newest wins         one frame at a time    per-client queues   (18945)
+    PLUS server ----> IgtlClient -----> mailbox -----> worker -----------> IgtlServer -----> Slicer
+      (18944)      receive thread     (1 slot,      Pipeline, one      per-client queues    (18945)
+                   decode, validate   newest wins)  frame at a time    (newest wins)
 
 Threads and what never waits for what:
 
