@@ -268,8 +268,11 @@ def test_frame_record_json_round_trip():
     record = FrameRecord(frame=3, stage_ms={"track": 1.0, "detector": 2.0}, targets=2, extra={"note": "x"})
     line = format_kpi(record)
     assert line.startswith('{"event":"frame","frame":3,"stage_ms":{"detector":2.0,"track":1.0}')
-    back = FrameRecord.from_dict(__import__("json").loads(line))
-    assert back == record
+    data = __import__("json").loads(line)
+    assert data["note"] == "x" and "extra" not in data  # extra keys sit at the top level of the line
+    assert FrameRecord.from_dict(data) == record
+    with pytest.raises(ValueError, match="must not repeat a field"):
+        FrameRecord(frame=1, extra={"targets": 3}).to_dict()
 
 
 def test_gpu_memory_off_cuda_is_not_measured():

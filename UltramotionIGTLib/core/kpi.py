@@ -93,7 +93,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float):
-        return round(value, 4) if math.isfinite(value) else None
+        return value if math.isfinite(value) else None
     if isinstance(value, (np.floating,)):
         return _jsonable(float(value))
     if isinstance(value, (np.integer,)):
@@ -175,15 +175,19 @@ class FrameRecord:
         return cls(**values, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"event": "frame", ...}`` with the stages in order and unmeasured (None) fields left out."""
+        """``{"event": "frame", ...}``: the stages in order, unmeasured (None) fields left out, and the
+        ``extra`` keys at the top level (where `from_dict` puts them back)."""
         out: dict[str, Any] = {"event": self.event}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "stage_ms":
                 value = {name: value[name] for name in ordered_stages(value)}
-            if value is None or (f.name == "extra" and not value):
-                continue
-            out[f.name] = value
+            if value is not None and f.name != "extra":
+                out[f.name] = value
+        clash = sorted(set(self.extra) & set(out))
+        if clash:
+            raise ValueError(f"FrameRecord.extra must not repeat a field: {clash}")
+        out.update(self.extra)
         return out
 
     def end_to_end_ms(self) -> float | None:
@@ -205,7 +209,8 @@ def as_record(record: FrameRecord | Mapping[str, Any] | str) -> FrameRecord | di
 
 
 def format_kpi(record: FrameRecord | Mapping[str, Any]) -> str:
-    """One KPI record as a compact JSON line (``event`` first). Devices and paths become strings."""
+    """One KPI record as a compact JSON line (``event`` first): floats at full precision (NaN and
+    infinities as null), devices, dtypes and paths as strings."""
     data = _jsonable(record.to_dict() if isinstance(record, FrameRecord) else dict(record))
     ordered = {"event": data.pop("event", "kpi")}
     ordered.update(data)

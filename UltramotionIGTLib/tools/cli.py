@@ -90,7 +90,17 @@ COMMANDS: tuple[Command, ...] = (
             Command(
                 "mrml", "per-frame segmentation node update (slicer-core)", f"{_LIB}.tools.benchmarks.mrml"
             ),
+            Command(
+                "gateway",
+                "OpenIGTLink gateway round trip vs the in-process pipeline",
+                f"{_LIB}.tools.benchmarks.gateway",
+            ),
         ),
+    ),
+    Command(
+        "serve",
+        "OpenIGTLink gateway: PLUS (or --replay FILE) in, label maps to Slicer out",
+        f"{_LIB}.services.gateway",
     ),
     Command("audit", "static (AST) and runtime GPU->CPU transfer audit", f"{_LIB}.tools.audit.cli"),
     Command("doctor", "pre-flight check of torch, CUDA, the GPU and the model files", f"{_LIB}.tools.doctor"),
