@@ -25,6 +25,7 @@ import torch
 
 from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
+from UltramotionIGTLib.core.hostsync import allowed_host_transfer
 from UltramotionIGTLib.core.kpi import KpiSink, LatencyStats, StageTimer, format_kpi, safe_log_kpi
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
@@ -84,7 +85,9 @@ def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Te
         raise UnsupportedImageTypeError(
             f"frame must be HxW or HxWx3, got shape {tuple(tensor.shape)} (RF or multi-frame data?)"
         )
-    if tensor.device != device:
+    # the frame's one upload (a no-op for a tensor already on ``device``): pinned and asynchronous
+    # on CUDA, so no sync; a blocking copy elsewhere
+    with allowed_host_transfer("frame upload (prepare_inference_inputs)", max_syncs=1):
         if device.type == "cuda" and tensor.device.type == "cpu":
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         else:
