@@ -123,6 +123,7 @@ CATEGORIES: dict[str, tuple[str, str]] = {
 #: aten/custom op (schema name) -> category, counted when one of its tensors is on the device
 SYNC_OPS: dict[str, str] = {
     "aten::_local_scalar_dense": "scalar_read",
+    "aten::item": "scalar_read",
     "aten::is_nonzero": "scalar_read",
     "aten::nonzero": "nonzero",
     "aten::argwhere": "nonzero",
@@ -140,6 +141,24 @@ SYNC_OPS: dict[str, str] = {
     "aten::equal": "equal",
     "aten::allclose": "equal",
     "aten::_linalg_check_errors": "linalg_check",
+    # linalg ops that check their result on the host; under inference mode torch hands the composite
+    # op itself to the dispatcher, so its inner ``_linalg_check_errors`` is not seen apart
+    "aten::linalg_inv": "linalg_check",
+    "aten::inverse": "linalg_check",
+    "aten::linalg_cholesky": "linalg_check",
+    "aten::cholesky": "linalg_check",
+    "aten::cholesky_inverse": "linalg_check",
+    "aten::linalg_solve": "linalg_check",
+    "aten::linalg_eigh": "linalg_check",
+    "aten::linalg_eigvalsh": "linalg_check",
+    "aten::linalg_eig": "linalg_check",
+    "aten::linalg_eigvals": "linalg_check",
+    "aten::linalg_lu_factor": "linalg_check",
+    "aten::linalg_ldl_factor": "linalg_check",
+    "aten::linalg_tensorinv": "linalg_check",
+    "aten::linalg_tensorsolve": "linalg_check",
+    "aten::linalg_matrix_power": "linalg_check",
+    "aten::linalg_lstsq": "linalg_check",
     "torchvision::nms": "nms",
     "aten::to_sparse": "to_sparse",
     "aten::_to_sparse": "to_sparse",
@@ -243,14 +262,17 @@ class HopEvent:
 @dataclass
 class FrameRecord:
     """Counts for one frame. ``undeclared`` excludes overruns (``over_budget``), ``declared`` is
-    within budget; ``uploads`` counts the blocking uploads among all three. The CUDA-only fields
-    stay None elsewhere (the profiler's are filled in when the audit ends)."""
+    within budget; ``uploads`` counts the blocking uploads among all three. ``after_frame``:
+    undeclared or over-budget events after this frame closed and before the next opened (the KPI
+    code of the frame loop runs there). The CUDA-only fields stay None elsewhere (the profiler's
+    are filled in when the audit ends)."""
 
     index: int
     undeclared: int = 0
     declared: int = 0
     over_budget: int = 0
     uploads: int = 0
+    after_frame: int = 0
     by_category: Counter = field(default_factory=Counter)
     cuda_sync_warnings: int | None = None
     cuda_sync_warnings_declared: int | None = None
@@ -285,6 +307,7 @@ class FrameRecord:
             "declared": self.declared,
             "over_budget": self.over_budget,
             "uploads": self.uploads,
+            "after_frame": self.after_frame,
             "by_category": dict(sorted(self.by_category.items())),
             "cuda_sync_warnings": self.cuda_sync_warnings,
             "cuda_sync_warnings_declared": self.cuda_sync_warnings_declared,
@@ -334,8 +357,9 @@ class RuntimeAuditResult:
 
     @property
     def syncs_per_frame(self) -> float:
-        """Mean undeclared syncs + copies + blocking uploads per frame, overruns included."""
-        return self._per_frame(lambda f: f.host_syncs)
+        """Mean undeclared syncs + copies + blocking uploads per frame, overruns included, and what
+        ran between this frame and the next (the frame loop's KPI code)."""
+        return self._per_frame(lambda f: f.host_syncs + f.after_frame)
 
     @property
     def declared_per_frame(self) -> float:
@@ -351,7 +375,7 @@ class RuntimeAuditResult:
 
     @property
     def max_syncs_in_a_frame(self) -> int:
-        return max((f.host_syncs for f in self.frames), default=0)
+        return max((f.host_syncs + f.after_frame for f in self.frames), default=0)
 
     def by_category(self) -> dict[str, dict[str, int]]:
         """Frame events per category: undeclared / declared / over_budget."""
@@ -527,14 +551,9 @@ class _FunctionLayer(TorchFunctionMode):
         except TypeError:  # an unhashable callable
             return func(*args, **kwargs)
         if action is None:
-            device = kwargs.get("device")
-            if isinstance(device, str) and self.audit.emulating and not self.audit.is_device_arg(device):
-                # device="cpu" spelled out: the host (the dispatcher only sees a CPU device)
-                out = func(*args, **kwargs)
-                for o in _outputs(out):
-                    self.audit.place(o, False)
-                return out
-            return func(*args, **kwargs)
+            if not self.audit.emulating:
+                return func(*args, **kwargs)
+            return self._generic(func, args, kwargs)
         a = self.audit
         if action == "read":
             if args and isinstance(args[0], torch.Tensor) and a.on_device(args[0]):
@@ -557,6 +576,25 @@ class _FunctionLayer(TorchFunctionMode):
             a.place(out, a.on_device(args[0]))
             return out
         return func(*args, **kwargs)
+
+    def _generic(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """Any other call (emulated placement). With tensor arguments: run it with their placement as
+        the context of the factories torch runs inside it. Without: a factory, placed by its
+        ``device=`` (none given: torch's default device, the host)."""
+        a = self.audit
+        inputs = _tensors_in(args, kwargs)
+        stack = _local.__dict__.setdefault("context", [])
+        stack.append(any(a.on_device(t) for t in inputs) if inputs else False)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            stack.pop()
+        if not inputs:
+            device = kwargs.get("device")
+            on = device is not None and a.is_device_arg(device)
+            for o in _outputs(out):
+                a.place(o, on)
+        return out
 
     def _to_target(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool | None:
         """Is the target of ``Tensor.to(...)`` the device (True), the host (False), or no move (None)?"""
@@ -655,6 +693,8 @@ class _DispatchLayer(TorchDispatchMode):
                 kind = "sync:" + SYNC_OPS[name]
             elif name in _INDEX_OPS:
                 kind = "index"
+            elif name == "aten::where" and overload == "default":  # where(condition): nonzero
+                kind = "sync:nonzero"
             elif name == "aten::repeat_interleave" and overload in ("Tensor", "self_Tensor"):
                 kind = "repeat"
             elif name.startswith("aten::linalg_") and name.endswith("_ex"):
@@ -695,7 +735,9 @@ class _DispatchLayer(TorchDispatchMode):
         name = func._schema.name
         if kind == "to_copy":
             device = kwargs.get("device")
-            if device is None or not inputs:
+            # emulated: moves are judged by the Python call (.to, .cpu, torch.tensor), which knows the
+            # spelling of the target; the dispatcher sees every CPU device alike
+            if device is None or not inputs or a.emulating:
                 return
             src_on, dst_on = a.on_device(inputs[0]), a.is_device_arg(device)
             if src_on and not dst_on:
@@ -737,13 +779,14 @@ class _DispatchLayer(TorchDispatchMode):
 
     def _place_outputs(self, func: Any, kwargs: dict[str, Any], inputs: list[torch.Tensor], out: Any) -> None:
         a = self.audit
-        device = kwargs.get("device")
-        if device is not None:
-            on = a.is_device_arg(device)
-        elif inputs:
+        if inputs:
             on = any(a.on_device(t) for t in inputs)
         else:
-            on = False  # a factory without a device: torch's default device, the host
+            # a factory: torch fills in ``device=cpu`` whatever the Python call said, so take the
+            # placement of the Python-level call it runs in (the Python call itself places its own
+            # results afterwards from the spelling of its ``device=``)
+            context = getattr(_local, "context", None)
+            on = bool(context[-1]) if context else False
         for o in _outputs(out):
             if not any(o is t for t in inputs):  # in-place results keep their placement
                 a.place(o, on)
@@ -977,6 +1020,12 @@ class RuntimeTransferAudit:
             return self._placement.get(t)
         return t.device.type not in ("cpu", "meta")
 
+    def assume_on_device(self, *tensors: torch.Tensor) -> None:
+        """Emulation: take these tensors to be on the device (inputs a test made from numpy, which
+        the emulation would otherwise see as host memory). No effect on CUDA."""
+        for t in tensors:
+            self.place(t, True)
+
     def place(self, t: Any, on_device: bool) -> None:
         if self.emulating and isinstance(t, torch.Tensor):
             self._placement.set(t, on_device)
@@ -1065,6 +1114,8 @@ class RuntimeTransferAudit:
             phase=phase,
         )
         self.events.append(event)
+        if rec is None and phase == "between" and self.frames and event.counts_against:
+            self.frames[-1].after_frame += 1
         if rec is not None:
             rec.by_category[category] += 1
             if over:
