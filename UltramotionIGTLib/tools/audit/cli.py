@@ -277,7 +277,7 @@ def run_runtime_audit(
 
     sink = MemoryKpiSink()
     pipeline.kpi_sink = None
-    with RuntimeTransferAudit(pipeline.device) as audit:
+    with RuntimeTransferAudit(pipeline.device, cuda_profiler=True) as audit:  # the profiler: CUDA only
         for _ in pipeline.run(frames[:warmup]):
             pass
         pipeline.kpi_sink = sink

@@ -891,6 +891,7 @@ class RuntimeTransferAudit:
         self._modes: list[Any] = []
         self._profiler: Any = None
         self._frame_marker: Any = None
+        self._sync_debug_held = False
         self._result: RuntimeAuditResult | None = None
         self._file_cache: dict[str, tuple[bool, bool, str]] = {}
 
@@ -906,6 +907,7 @@ class RuntimeTransferAudit:
         try:
             if self.cuda_sync_debug:
                 _SyncDebug.acquire()
+                self._sync_debug_held = True
             if self.cuda_profiler:
                 self._start_profiler()
             for mode in (_FunctionLayer(self), _DispatchLayer(self)):
@@ -933,9 +935,11 @@ class RuntimeTransferAudit:
                 if self._profiler is not None:
                     self._stop_profiler()
             finally:
-                if self.cuda_sync_debug and _SyncDebug.users and getattr(_local, "audit", None) is self:
+                if self._sync_debug_held:
+                    self._sync_debug_held = False
                     _SyncDebug.release()
-                _local.audit = None
+                if getattr(_local, "audit", None) is self:
+                    _local.audit = None
 
     @property
     def result(self) -> RuntimeAuditResult:
