@@ -224,8 +224,17 @@ def test_resident_path_makes_no_host_hops(segmenter, host_hops):
     frames = [torch.from_numpy(_ultrasound_like(333, 222, seed=s)) for s in (11, 12)]
     boxes = torch.from_numpy(_random_boxes(333, 222, 4, seed=13))
     valid = torch.tensor([True, True, False, True])
-    with host_hops(*frames, boxes, valid) as hops:  # inputs already on the device, as in the pipeline
-        for frame in frames:  # the first frame of a new size builds its resize tables too
+    with host_hops(*frames, boxes, valid) as first:  # inputs already on the device, as in the pipeline
+        segmenter.set_torch_image(frames[0])
+        segmenter.predict_boxes(boxes, valid=valid)
+    # the first frame of a new size builds the resize tables (and the encoder its relative-position
+    # index) on the host and uploads them, once per size (none if an earlier test used this size):
+    # uploads from those two builders, nothing else
+    tables = ("UltramotionIGTLib/core/sam/resize.py:", "UltramotionIGTLib/core/sam/encoder.py:")
+    assert set(first.undeclared) <= {"upload"}, first
+    assert all(e.origin.startswith(tables) for e in first.events), first
+    with host_hops(*frames, boxes, valid) as hops:
+        for frame in frames:
             segmenter.set_torch_image(frame)
             out = segmenter.predict_boxes(boxes, valid=valid)
     assert hops.undeclared == {}, hops
