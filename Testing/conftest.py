@@ -1,17 +1,21 @@
-"""Shared pytest fixtures: real PLUS recordings, devices, temporary model folders, and the guard that
-fails a test which leaves one of torch's process-wide settings changed."""
+"""Shared pytest fixtures: real PLUS recordings, devices, temporary model folders, host-hop counts
+(`host_hops`, built on the runtime transfer audit), and the guard that fails a test which leaves one of
+torch's process-wide settings changed."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTING_DIR = Path(__file__).resolve().parent
 
 
 def plus_data_dir() -> Path:
@@ -168,3 +172,49 @@ def torch_settings_restored_by_session_fixtures() -> Iterator[None]:
     before = _read_settings(settings)
     yield
     _check_settings(before, settings, "a module- or session-scoped fixture")
+
+
+class HostHops:
+    """What the runtime transfer audit counted inside one ``host_hops()`` block.
+
+    ``undeclared``: category -> count of undeclared or over-budget events (host syncs, device-to-host
+    copies, blocking uploads); ``declared``: declaration reason -> count within budget; ``events``:
+    every `HopEvent`, with its origin ``file:line``.
+    """
+
+    def __init__(self, audit: Any) -> None:
+        self.audit = audit
+
+    @property
+    def events(self) -> list[Any]:
+        return list(self.audit.events)
+
+    @property
+    def undeclared(self) -> Counter:
+        return Counter(e.category for e in self.audit.events if e.counts_against)
+
+    @property
+    def declared(self) -> Counter:
+        return Counter(e.declared for e in self.audit.events if e.declared is not None and not e.over_budget)
+
+    def __repr__(self) -> str:
+        rows = [f"{e.origin}: {e.category} ({e.op}), declared={e.declared!r}" for e in self.audit.events]
+        return "HostHops([" + "; ".join(rows) + "])"
+
+
+@pytest.fixture
+def host_hops():
+    """``with host_hops(*device_tensors) as hops:`` counts, on this thread, what the block would sync,
+    copy to the host or upload on a GPU: the runtime transfer audit (`RuntimeTransferAudit`), on the
+    CPU with its emulated placement. ``device_tensors``: inputs the test made from numpy, to be taken
+    as device tensors (tensors made by torch before the block already are)."""
+    from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+
+    @contextmanager
+    def count(*device_tensors: Any, device: str = "cpu") -> Iterator[HostHops]:
+        with RuntimeTransferAudit(device, our_roots=[TESTING_DIR]) as audit:
+            audit.assume_on_device(*device_tensors)
+            with audit.frame(0):
+                yield HostHops(audit)
+
+    return count

@@ -16,10 +16,11 @@ import pytest
 
 from UltramotionIGTLib.tools import cli
 from UltramotionIGTLib.tools.audit.report import static_json, static_markdown
-from UltramotionIGTLib.tools.audit.static import CATEGORIES, scan_paths
+from UltramotionIGTLib.tools.audit.static import CATEGORIES, DEFAULT_ENTRIES, scan_paths
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "audit"
 ENTRY = "fixture_pipeline.py:FixturePipeline.process_frame"
+LEGACY = "fixture_pipeline.py:FixturePipeline._legacy_path"  # named, as the library's not-hot list does
 
 #: file -> category -> count, counted by hand from the fixture files
 EXPECTED: dict[str, dict[str, int]] = {
@@ -40,7 +41,7 @@ EXPECTED: dict[str, dict[str, int]] = {
         "masked_select": 2,
         "unique": 2,
         "repeat_interleave": 2,
-        "bool_mask_index": 6,
+        "bool_mask_index": 7,
         "format_tensor": 6,
         "detach": 1,
     },
@@ -55,6 +56,14 @@ EXPECTED: dict[str, dict[str, int]] = {
     "fixture_pipeline.py": {"cpu": 2, "numpy": 1, "item": 1, "format_tensor": 1},
     "fixture_helpers.py": {"tensor_condition": 1, "tolist": 2, "bool_mask_index": 1, "item": 1},
     "training/fixture_train_loop.py": {"item": 1, "format_tensor": 1, "detach": 1},
+    "fixture_kinds.py": {
+        "tolist": 1,
+        "scalar_cast": 2,
+        "cpu": 1,
+        "tensor_condition": 3,
+        "bool_mask_index": 3,
+        "numpy": 1,
+    },
 }
 
 #: the hot path from FixturePipeline.process_frame: (file, function, category), by hand
@@ -68,7 +77,7 @@ EXPECTED_CRITICAL = {
 
 @pytest.fixture(scope="module")
 def result():
-    return scan_paths([FIXTURES], root=FIXTURES, entries=[ENTRY])
+    return scan_paths([FIXTURES], root=FIXTURES, entries=[ENTRY], not_hot=[LEGACY])
 
 
 def _line_of(rel: str, text: str) -> int:
@@ -181,7 +190,7 @@ def test_severity_from_the_call_graph(result):
     assert "fixture_helpers.py:Tracker.assign" in hot  # through self.tracker = Tracker()
     assert "fixture_helpers.py:postprocess" in hot  # through "from fixture_helpers import postprocess"
     assert "fixture_helpers.py:Tracker.unused" not in hot
-    assert "fixture_pipeline.py:FixturePipeline._legacy_path" not in hot  # default not-hot: *legacy*
+    assert "fixture_pipeline.py:FixturePipeline._legacy_path" not in hot  # named in not_hot
     by_function = {(f.file, f.function, f.category): f.severity for f in result.findings}
     assert by_function[("fixture_pipeline.py", "cold_helper", "cpu")] == "medium"
     assert by_function[("fixture_pipeline.py", "FixturePipeline._legacy_path", "numpy")] == "medium"
@@ -197,7 +206,9 @@ def test_severity_from_the_call_graph(result):
 
 
 def test_hot_path_globs_and_not_hot():
-    with_glob = scan_paths([FIXTURES], root=FIXTURES, entries=[ENTRY], hot_path=["*:cold_helper"])
+    with_glob = scan_paths(
+        [FIXTURES], root=FIXTURES, entries=[ENTRY], hot_path=["*:cold_helper"], not_hot=[LEGACY]
+    )
     critical = {(f.function, f.category) for f in with_glob.critical()}
     assert ("cold_helper", "cpu") in critical and len(critical) == len(EXPECTED_CRITICAL) + 1
     glob_only = scan_paths([FIXTURES], root=FIXTURES, entries=[], hot_path=["fixture_helpers.py:Tracker.*"])
@@ -209,11 +220,14 @@ def test_hot_path_globs_and_not_hot():
     no_cold = scan_paths([FIXTURES], root=FIXTURES, entries=[ENTRY], not_hot=())
     legacy = {f.category for f in no_cold.critical() if f.function == "FixturePipeline._legacy_path"}
     assert legacy == {"cpu", "numpy"}
+    # no name pattern exempts a function: only the explicit list does (the default names library functions)
+    by_default = scan_paths([FIXTURES], root=FIXTURES, entries=[ENTRY])
+    assert "fixture_pipeline.py:FixturePipeline._legacy_path" in by_default.hot_functions
 
 
 def test_missing_entry_marks_nothing_hot():
-    res = scan_paths([FIXTURES], root=FIXTURES)  # default entry: UltramotionIGTLib/core/pipeline.py
-    assert res.unresolved_entries == ["UltramotionIGTLib/core/pipeline.py:Pipeline.process_frame"]
+    res = scan_paths([FIXTURES], root=FIXTURES)  # default entries: UltramotionIGTLib/core/...
+    assert res.unresolved_entries == list(DEFAULT_ENTRIES)
     assert res.hot_functions == [] and res.critical() == []
     assert "Entry not found" in static_markdown(res)
 
@@ -252,7 +266,17 @@ def test_json_report_one_object_per_finding(result):
 
 
 def test_cli_gate_fails_on_critical(capsys, tmp_path):
-    argv = [str(FIXTURES), "--root", str(FIXTURES), "--entry", ENTRY, "--fail-on", "critical"]
+    argv = [
+        str(FIXTURES),
+        "--root",
+        str(FIXTURES),
+        "--entry",
+        ENTRY,
+        "--not-hot",
+        LEGACY,
+        "--fail-on",
+        "critical",
+    ]
     assert cli.main(["audit", *argv]) == 1
     err = capsys.readouterr().err
     assert "4 finding(s)" in err
@@ -285,3 +309,45 @@ def test_cli_missing_path_is_a_user_error(capsys):
     err = capsys.readouterr().err
     assert err.startswith("ultramotion-igt audit: error:") and "does_not_exist" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_kinds_the_lint_once_missed():
+    """Keyword arguments (and calls made in them), tuple unpacking from annotated and documented
+    returns, masks typed only ``Tensor``, setattr attributes, and more than one per-frame entry."""
+    entries = [ENTRY, "fixture_kinds.py:keywords", "fixture_kinds.py:Packet.to_host"]
+    res = scan_paths([FIXTURES], root=FIXTURES, entries=entries, not_hot=[LEGACY])
+    kinds = "fixture_kinds.py"
+    assert _at(res, kinds, "a = Out(n=int(t.sum()))") == Counter(scalar_cast=1)
+    assert _at(res, kinds, "b = Out(host=t.cpu())") == Counter(cpu=1)
+    assert _at(res, kinds, "if valid.any():") == Counter(tensor_condition=1)
+    assert _at(res, kinds, "if kept.max() > 0:") == Counter(tensor_condition=1)
+    assert _at(res, kinds, "return boxes[valid]") == Counter(bool_mask_index=1)
+    assert _at(res, kinds, "a = boxes[valid]") == Counter(bool_mask_index=1)
+    assert _at(res, kinds, "if self.alive.any():") == Counter(tensor_condition=1)
+    assert _at(res, kinds, "n = int(self.count.sum())") == Counter(scalar_cast=1)
+    for clean in ("b = boxes[order]", "c = boxes[idx]", "c = Out(n=called_in_a_keyword(t))"):
+        assert _at(res, kinds, clean) == Counter(), clean
+    critical = {(f.function, f.category) for f in res.critical() if f.file == kinds}
+    # the call made inside a keyword argument is followed into the hot path; to_host is an entry
+    assert critical == {
+        ("keywords", "scalar_cast"),
+        ("keywords", "cpu"),
+        ("called_in_a_keyword", "tolist"),
+        ("Packet.to_host", "numpy"),
+    }
+
+
+def test_library_entries_and_not_hot_list_resolve():
+    """The default entries (frame loop, one frame, host copy) and every not-hot name exist."""
+    from UltramotionIGTLib.tools.audit.static import DEFAULT_NOT_HOT
+
+    lib = Path(__file__).resolve().parents[1] / "UltramotionIGTLib"
+    res = scan_paths([lib], root=lib.parent)
+    assert res.unresolved_entries == []
+    assert set(DEFAULT_ENTRIES) <= set(res.hot_functions)
+    names = {f"{rel}:{q}" for rel, q in (h.split(":", 1) for h in res.hot_functions)}
+    assert "UltramotionIGTLib/core/tracking.py:Tracker.update" in names
+    assert res.unmatched_not_hot == []  # every not-hot name is a function of the library
+    hot = set(res.hot_functions)
+    for entry in DEFAULT_NOT_HOT:
+        assert entry not in hot, entry

@@ -66,6 +66,8 @@ def test_the_tree_has_the_commands_of_the_reference():
         "bench sam",
         "bench matcher",
         "bench mrml",
+        "bench gateway",
+        "serve",
         "audit",
         "doctor",
         "make-test-models",

@@ -103,6 +103,28 @@ def test_compute_mask_weights_against_numpy():
     assert float(w[2].abs().sum()) == 0.0 and float(a[2]) == 0.0 and torch.isnan(c[2]).all()
 
 
+def test_per_frame_parts_hop_only_where_declared(host_hops):
+    """select_prompts and compute_mask_weights make no host hop; the frame upload and the packet's
+    host copy are declared, each within its budget."""
+    g = torch.Generator().manual_seed(4)
+    xy = torch.rand(30, 2, generator=g) * 80
+    boxes, scores = torch.cat([xy, xy + 15], dim=1), torch.rand(30, generator=g)
+    labels, probs = torch.randint(0, 2, (30,), generator=g), torch.rand(8, 16, 20, generator=g)
+    frame = np.random.default_rng(4).integers(0, 256, (16, 20), dtype=np.uint8)
+    with host_hops() as parts:
+        sb, ss, sl, sv = select_prompts(boxes, scores, labels, 2, 4, 0.3)
+        compute_mask_weights(probs, ss, sv)
+    assert parts.events == [], parts
+    device = torch.device("cpu")  # the pipeline's device object (the string "cpu" names the host)
+    packet = _packet(np.zeros((3, 16, 20), bool), [True, False, True], [0, 1, 1], [4, -1, 5], [0.9, 0.1, 0.8])
+    with host_hops() as edge:
+        image = prepare_inference_inputs(frame, device)  # numpy in: one upload
+        packet.masks = image[None].expand(3, -1, -1) > 128  # masks computed on the device
+        packet.to_host()
+    assert edge.undeclared == {}, edge
+    assert edge.declared == {"frame upload (prepare_inference_inputs)": 1, "ResultPacket.to_host": 2}
+
+
 def _packet(masks, valid, labels, track_ids, scores):
     k = len(valid)
     return ResultPacket(

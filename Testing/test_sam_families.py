@@ -74,22 +74,6 @@ def _boxes(height: int, width: int, n: int, seed: int) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
 
 
-def _count_host_hops(monkeypatch) -> dict[str, int]:
-    """Count calls that would be device-to-host syncs on a GPU (on CPU they are just calls)."""
-    counts: dict[str, int] = {}
-
-    def counting(name, original):
-        def wrapper(self, *args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in ("cpu", "item", "tolist", "numpy", "__bool__", "nonzero", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    return counts
-
-
 def _expanded_state_dict(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     """Real shapes, one random number per tensor (stride-0 views: torch.save stores one element each)."""
     gen = torch.Generator().manual_seed(seed)
@@ -143,7 +127,7 @@ def test_mobilesam_layout_is_recognised_and_named_apart_from_the_demo_vit(mobile
 
 
 def test_mobilesam_segmenter_matches_package_predictor_without_host_hops(
-    mobile_sam_checkpoint, spine_frames, monkeypatch
+    mobile_sam_checkpoint, spine_frames, host_hops
 ):
     import mobile_sam
 
@@ -153,11 +137,11 @@ def test_mobilesam_segmenter_matches_package_predictor_without_host_hops(
     segmenter = SamSegmenter.from_checkpoint(mobile_sam_checkpoint, device="cpu")
     assert segmenter.config.name == "vit_t"
 
-    counts = _count_host_hops(monkeypatch)
-    segmenter.set_torch_image(torch.from_numpy(frame))
-    batched = segmenter.predict_boxes(torch.from_numpy(boxes))
-    assert counts == {}, f"host hops in the resident MobileSAM path: {counts}"
-    monkeypatch.undo()
+    frame_t, boxes_t = torch.from_numpy(frame), torch.from_numpy(boxes)
+    with host_hops(frame_t, boxes_t) as hops:  # as in the pipeline: inputs already on the device
+        segmenter.set_torch_image(frame_t)
+        batched = segmenter.predict_boxes(boxes_t)
+    assert hops.undeclared == {}, f"undeclared host hops in the resident MobileSAM path: {hops}"
 
     predictor = mobile_sam.SamPredictor(_package_mobile_sam(mobile_sam_checkpoint))
     predictor.set_image(np.repeat(frame[..., None], 3, axis=-1))
@@ -250,7 +234,7 @@ def test_medsam_preprocessing_on_device_equals_skimage_recipe(plus_dir):
         assert (got - expected).abs().max() <= 1 / 255 + 1e-6
 
 
-def test_medsam_segmenter_matches_published_recipe(plus_dir, monkeypatch):
+def test_medsam_segmenter_matches_published_recipe(plus_dir, host_hops):
     model = random_sam_model(MEDSAM_SMALL, seed=11)
     segmenter = SamSegmenter(random_sam_model(MEDSAM_SMALL, seed=11), MEDSAM_SMALL, device="cpu")
     frames = _plus_frames(plus_dir, colour=False)  # the colour frame's input differs by noise: test above
@@ -260,11 +244,11 @@ def test_medsam_segmenter_matches_published_recipe(plus_dir, monkeypatch):
         height, width = frame.shape[:2]
         boxes = _boxes(height, width, 4, seed=height)
 
-        counts = _count_host_hops(monkeypatch)
-        segmenter.set_torch_image(torch.from_numpy(frame))
-        batched = segmenter.predict_boxes(torch.from_numpy(boxes))
-        assert counts == {}, f"host hops in the resident MedSAM path: {counts}"
-        monkeypatch.undo()
+        frame_t, boxes_t = torch.from_numpy(frame), torch.from_numpy(boxes)
+        with host_hops(frame_t, boxes_t) as hops:
+            segmenter.set_torch_image(frame_t)
+            batched = segmenter.predict_boxes(boxes_t)
+        assert hops.undeclared == {}, f"undeclared host hops in the resident MedSAM path: {hops}"
 
         embedding, expected = _medsam_recipe(model, rgb, boxes, MEDSAM_SMALL.image_size)
         assert torch.equal(segmenter.get_image_embedding(), embedding)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_matching import count_host_hops
 
 from UltramotionIGTLib.core.tracking import Tracker
 
@@ -134,17 +133,17 @@ def test_more_detections_than_track_slots():
     assert second.tolist() == first.tolist()
 
 
-def test_update_makes_no_host_hop():
+def test_update_makes_no_host_hop(host_hops):
     rng = np.random.default_rng(5)
     tracker = Tracker(max_tracks=32, device="cpu")
     frames = [
         _frame([(np.array([10.0, 10, 40, 40]) + f, 0, 0.9), (np.array([90.0, 60, 120, 99]), 1, 0.7)], rng)
         for f in range(6)
     ]
-    with count_host_hops() as calls:
+    with host_hops() as hops:
         for boxes, scores, labels, valid, _ in frames:
             ids = tracker.update(boxes, scores, labels, valid)
-    assert calls == {}, f"host hops in Tracker.update: {calls}"
+    assert hops.events == [], f"host hops in Tracker.update: {hops}"
     assert sorted(ids.tolist()) == [-1] * (K - 2) + [0, 1]
 
 

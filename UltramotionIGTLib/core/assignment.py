@@ -353,7 +353,7 @@ def linear_sum_assignment(
     if cost.dim() != 2:
         raise ValueError(f"expected a matrix (2-D tensor), got a {cost.dim()}-D tensor")
     res = batched_linear_sum_assignment(cost[None], maximize=maximize, dtype=dtype)
-    with allowed_host_transfer("linear_sum_assignment status check"):
+    with allowed_host_transfer("linear_sum_assignment status check", max_syncs=1):
         status = int(res.status[0])
     if status == STATUS_INVALID:
         raise ValueError("matrix contains invalid numeric entries")
@@ -367,15 +367,15 @@ def scipy_linear_sum_assignment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference/fallback: copy ``cost`` (RxC) to the host, run scipy, return int64 tensors on ``cost.device``.
 
-    Raises scipy's ``ValueError`` on infeasible or invalid input. Two declared host hops (the copy
-    down and the result up).
+    Raises scipy's ``ValueError`` on infeasible or invalid input. Three declared transfers (the copy
+    down and the two result uploads).
     """
     from scipy.optimize import linear_sum_assignment as _scipy_lsa
 
-    with allowed_host_transfer("scipy_linear_sum_assignment"):
+    with allowed_host_transfer("scipy_linear_sum_assignment", max_syncs=3):
         host = cost.detach().to("cpu", torch.float64).numpy()
-    rows, cols = _scipy_lsa(host, maximize=maximize)
-    return (
-        torch.as_tensor(rows, dtype=torch.int64).to(cost.device),
-        torch.as_tensor(cols, dtype=torch.int64).to(cost.device),
-    )
+        rows, cols = _scipy_lsa(host, maximize=maximize)
+        return (
+            torch.as_tensor(rows, dtype=torch.int64).to(cost.device),
+            torch.as_tensor(cols, dtype=torch.int64).to(cost.device),
+        )

@@ -137,7 +137,7 @@ class Detections:
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """Copy to the host (a declared hop): ``{"boxes", "scores", "labels"}`` numpy arrays."""
-        with allowed_host_transfer("Detections.to_numpy"):
+        with allowed_host_transfer("Detections.to_numpy", max_syncs=3):
             return {
                 "boxes": self.boxes.detach().cpu().numpy(),
                 "scores": self.scores.detach().cpu().numpy(),

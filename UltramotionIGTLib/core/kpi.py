@@ -152,7 +152,8 @@ class FrameRecord:
 
     @classmethod
     def from_result(cls, result: Any, **values: Any) -> FrameRecord:
-        """The record of a `HostResult` (frame index, stage times, targets, device, path) plus ``values``."""
+        """The record of a `HostResult` (frame index, stage times, targets, device, path) plus
+        ``values``: fields by name, anything else into ``extra``."""
         base: dict[str, Any] = {
             "frame": int(result.frame_index),
             "stage_ms": {str(k): float(v) for k, v in (result.stage_ms or {}).items()},
@@ -162,8 +163,11 @@ class FrameRecord:
             "tensor_devices": getattr(result, "tensor_devices", None) or None,
             "timestamp": result.timestamp,
         }
+        known = {f.name for f in fields(cls)}
+        extra = dict(values.pop("extra", None) or {})
+        extra.update({k: values.pop(k) for k in list(values) if k not in known})
         base.update(values)
-        return cls(**base)
+        return cls(**base, extra=extra)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FrameRecord:
@@ -184,7 +188,7 @@ class FrameRecord:
                 value = {name: value[name] for name in ordered_stages(value)}
             if value is not None and f.name != "extra":
                 out[f.name] = value
-        clash = sorted(set(self.extra) & set(out))
+        clash = sorted(set(self.extra) & ({f.name for f in fields(self)} | {"event"}))
         if clash:
             raise ValueError(f"FrameRecord.extra must not repeat a field: {clash}")
         out.update(self.extra)

@@ -67,7 +67,7 @@ class ResultPacket:
         """Copy to the host in one hop (two buffers, one wait) and drop invalid targets."""
         import torch
 
-        with allowed_host_transfer("ResultPacket.to_host"):
+        with allowed_host_transfer("ResultPacket.to_host", max_syncs=2):
             table = torch.cat(
                 [
                     self.boxes.to(torch.float64),

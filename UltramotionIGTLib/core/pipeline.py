@@ -12,6 +12,10 @@ compare against them (`UltramotionIGTLib.tools.benchmarks.legacy.LegacyPipeline`
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,9 @@ import torch
 
 from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
-from UltramotionIGTLib.core.kpi import StageTimer
-from UltramotionIGTLib.core.packet import ResultPacket
+from UltramotionIGTLib.core.hostsync import allowed_host_transfer
+from UltramotionIGTLib.core.kpi import FrameRecord, KpiSink, StageTimer, safe_log_kpi
+from UltramotionIGTLib.core.packet import HostResult, ResultPacket
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 
 
@@ -51,6 +56,14 @@ class PipelineConfig:
             raise ValueError(f"nms_iou must be in [0, 1], got {self.nms_iou}")
 
 
+def _seconds_or_none(value: Any) -> float | None:
+    """A timestamp in seconds, or None where there is none (None or NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Tensor:
     """The frame's single host-to-device copy.
 
@@ -77,7 +90,9 @@ def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Te
         raise UnsupportedImageTypeError(
             f"frame must be HxW or HxWx3, got shape {tuple(tensor.shape)} (RF or multi-frame data?)"
         )
-    if tensor.device != device:
+    # the frame's one upload (a no-op for a tensor already on ``device``): pinned and asynchronous
+    # on CUDA, so no sync; a blocking copy elsewhere
+    with allowed_host_transfer("frame upload (prepare_inference_inputs)", max_syncs=1):
         if device.type == "cuda" and tensor.device.type == "cpu":
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         else:
@@ -268,8 +283,11 @@ class Pipeline:
         """`Detections` of the HxW uint8 device frame (K fixed, sorted by score, on the device)."""
         return self.detector.run_inference_torch(image)
 
-    def _select_and_segment(self, image: torch.Tensor, detections: Any, timer: StageTimer) -> tuple:
-        """Prompts (fixed K) and their masks, on the device: (boxes, scores, labels, valid, masks, probs)."""
+    def _select_and_segment(
+        self, image: torch.Tensor, detections: Any, timer: StageTimer
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts (fixed K) and their masks, on the device: boxes Kx4 float32 xyxy, scores K, labels K
+        int64, valid K bool, masks KxHxW bool, probs KxHxW float32."""
         cfg = self.config
         with timer.stage("select"):
             boxes, scores, labels, valid = select_prompts(
@@ -292,6 +310,36 @@ class Pipeline:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _, centroids, areas = compute_mask_weights(probs, scores, valid)
         return centroids, areas
+
+    def run(
+        self,
+        frames: Iterable[Any],
+        timestamps: Iterable[float | None] | None = None,
+        *,
+        audit: Any | None = None,
+        sink: KpiSink | None = None,
+    ) -> Iterator[tuple[HostResult, FrameRecord]]:
+        """The per-frame loop over a recording: each frame through `process_frame` and its one host
+        copy, then its `FrameRecord` (wall time of both), given to ``sink``; yields (result, record).
+
+        ``timestamps``: one per frame, seconds (NaN or None: none). ``audit``: an active
+        `UltramotionIGTLib.tools.audit.runtime.RuntimeTransferAudit`; each frame is one audit frame and
+        its counts go into the record (``host_syncs``, ``declared_hops``, ...); what the loop does
+        between frames (the record, the sink) is counted by the audit as after that frame.
+        """
+        stamps = iter(timestamps) if timestamps is not None else None
+        for index, frame in enumerate(frames):
+            timestamp = _seconds_or_none(next(stamps, None)) if stamps is not None else None
+            t0 = time.perf_counter()
+            with audit.frame(index) if audit is not None else nullcontext():
+                packet = self.process_frame(frame, index, timestamp)
+                result = packet.to_host()
+            wall_ms = (time.perf_counter() - t0) * 1000.0
+            counts = audit.last_frame.kpi() if audit is not None else {}
+            record = FrameRecord.from_result(result, wall_ms=wall_ms, **counts)
+            if sink is not None:
+                safe_log_kpi(record, sink)
+            yield result, record
 
     def describe(self) -> dict[str, Any]:
         """Device, path, config and classes, for the start record of a run."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -52,7 +51,6 @@ def process_sequence(
 
     from UltramotionIGTLib.core.kpi import (
         FanoutKpiSink,
-        FrameRecord,
         JsonlKpiSink,
         KpiAggregator,
         safe_log_kpi,
@@ -70,7 +68,6 @@ def process_sequence(
     table = SegmentTable()
     labelmaps, results = [], []
     n = len(frames)
-    stamps = list(timestamps) if timestamps is not None else [None] * n
     t_start = time.perf_counter()
     try:
         safe_log_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}, sink)
@@ -81,15 +78,7 @@ def process_sequence(
 
             audit_context = RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
         with audit_context as audit:
-            for index in range(n):
-                t0 = time.perf_counter()
-                with audit.frame(index) if audit is not None else nullcontext():
-                    result = pipeline.process_frame(
-                        frames[index], index, _finite_or_none(stamps[index])
-                    ).to_host()
-                wall_ms = (time.perf_counter() - t0) * 1000.0
-                syncs = audit.last_frame.kpi() if audit is not None else {}
-                safe_log_kpi(FrameRecord.from_result(result, wall_ms=wall_ms, **syncs), sink)
+            for result, _record in pipeline.run(frames, timestamps, audit=audit, sink=sink):
                 labelmaps.append(table.labelmap(result))
                 results.append(result)
                 bar.update(1)
@@ -136,14 +125,6 @@ def process_sequence(
     if keep_results:
         summary["results"] = results
     return summary
-
-
-def _finite_or_none(value: Any) -> float | None:
-    """A frame's timestamp, or None where the recording has none (NaN)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 
+from UltramotionIGTLib.core.hostsync import allowed_host_transfer
+
 
 def _relative_index(q_size: int, k_size: int) -> torch.Tensor:
     """Index into a (2*size-1) x C relative-position table for every (query, key) pair (CPU int64).
@@ -42,7 +44,11 @@ def _resident_attention_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         tables = self._ultramotion_rel_index
         if key not in tables:
             tables.clear()
-            with torch.inference_mode(False):  # usable later for training too, not only inference
+            # Two uploads per block, once per token grid; declared so that steady frames show none.
+            with (
+                allowed_host_transfer("SAM relative-position index, once per token grid", max_syncs=2),
+                torch.inference_mode(False),  # usable later for training too, not only inference
+            ):
                 tables[key] = (
                     _relative_index(height, height).to(x.device),
                     _relative_index(width, width).to(x.device),

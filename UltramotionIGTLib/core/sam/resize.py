@@ -122,19 +122,20 @@ class _ResizeTables:
         if vertical_first is None:
             vertical_first = _pillow_order_rule(in_hw, out_hw) and _pillow_uses_order_rule()
         self.vertical_first = vertical_first
-        self.taps_w = self._upload(*_pil_bilinear_taps(in_hw[1], out_hw[1]), device)
-        self.taps_h = self._upload(*_pil_bilinear_taps(in_hw[0], out_hw[0]), device)
+        # the first frame of a new input size: 4 uploads (index and weights per axis), none after
+        with allowed_host_transfer("SAM resize tables, once per input size", max_syncs=4):
+            self.taps_w = self._upload(*_pil_bilinear_taps(in_hw[1], out_hw[1]), device)
+            self.taps_h = self._upload(*_pil_bilinear_taps(in_hw[0], out_hw[0]), device)
 
     @staticmethod
     def _upload(
         index: np.ndarray, weight: np.ndarray, device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One upload of each out x K table; the per-tap columns are cut on the device."""
+        index_d = torch.from_numpy(np.ascontiguousarray(index)).to(device)
+        weight_d = torch.from_numpy(np.ascontiguousarray(weight)).to(device)
         return [
-            (
-                torch.from_numpy(np.ascontiguousarray(index[:, k])).to(device),
-                torch.from_numpy(np.ascontiguousarray(weight[:, k : k + 1])).to(device),
-            )
-            for k in range(index.shape[1])
+            (index_d[:, k].contiguous(), weight_d[:, k : k + 1].contiguous()) for k in range(index.shape[1])
         ]
 
     def _horizontal(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,8 +217,9 @@ class _SquareResizeTables:
         self.size = int(size)
         rows = _skimage_cubic_matrix(in_hw[0], size)
         cols = _skimage_cubic_matrix(in_hw[1], size)
-        self.rows = torch.from_numpy(rows).to(device)
-        self.cols_t = torch.from_numpy(np.ascontiguousarray(cols.T)).to(device)
+        with allowed_host_transfer("MedSAM resize matrices, once per input size", max_syncs=2):
+            self.rows = torch.from_numpy(rows).to(device)
+            self.cols_t = torch.from_numpy(np.ascontiguousarray(cols.T)).to(device)
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """CxHxW uint8 -> CxSxS float64 holding the recipe's uint8 values (its resize and cast)."""

@@ -1,9 +1,11 @@
 """GPU->CPU transfer audit: measured, not claimed.
 
-- `scan_paths` (static, on the Python AST): explicit hops, implicit host syncs, round trips, with a
-  severity from the per-frame call graph; ``.detach()`` listed apart as not a transfer.
-- `RuntimeTransferAudit` (runtime): counts host syncs and device-to-host copies per frame with their
-  origin, declared hops (`UltramotionIGTLib.core.hostsync.allowed_host_transfer`) apart.
+- `RuntimeTransferAudit` (runtime, the measure): every host sync, device-to-host copy and blocking
+  upload per frame, seen at torch's dispatcher (and at the Python level for what never reaches it),
+  with its origin; declared hops (`UltramotionIGTLib.core.hostsync.allowed_host_transfer`) apart,
+  each within its ``max_syncs`` budget or an overrun. Per thread; nothing in torch is patched.
+- `scan_paths` (static, on the Python AST, a fast lint): explicit hops, implicit host syncs, round
+  trips, with a severity from the per-frame call graph; ``.detach()`` listed apart as not a transfer.
 - ``ultramotion-igt audit`` (`UltramotionIGTLib.tools.audit.cli`): both, as Markdown or JSON.
 
 The runtime part imports torch; it is loaded on first use so that the static scan works without it.
@@ -23,12 +25,12 @@ __all__ = [
     "RuntimeTransferAudit",
     "RuntimeAuditResult",
     "HopEvent",
-    "FrameRecord",
+    "FrameCounts",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("RuntimeTransferAudit", "RuntimeAuditResult", "HopEvent", "FrameRecord"):
+    if name in ("RuntimeTransferAudit", "RuntimeAuditResult", "HopEvent", "FrameCounts"):
         from UltramotionIGTLib.tools.audit import runtime
 
         return getattr(runtime, name)

@@ -56,7 +56,7 @@ def static_markdown(result: StaticAuditResult, *, top: int = 10, generated: str 
         f"**Generated:** {generated}  ",
         f"**Scanned:** {', '.join(f'`{p}`' for p in result.paths)} ({result.files_scanned} files)  ",
         "**Tool:** `ultramotion-igt audit` (Python AST; heuristics documented in "
-        "`UltramotionIGTLib/audit/static.py`)  ",
+        "`UltramotionIGTLib/tools/audit/static.py`)  ",
         f"**Hot-path entries:** {', '.join(f'`{e}`' for e in result.entries) or 'none'}"
         + (f"; globs {', '.join(f'`{p}`' for p in result.hot_patterns)}" if result.hot_patterns else "")
         + (
@@ -66,6 +66,12 @@ def static_markdown(result: StaticAuditResult, *, top: int = 10, generated: str 
         ),
         "",
     ]
+    if result.unmatched_not_hot:
+        lines += [
+            f"> Not-hot names that match no function: {', '.join(f'`{e}`' for e in result.unmatched_not_hot)}"
+            " -- update the list.",
+            "",
+        ]
     if result.unresolved_entries:
         lines += [
             f"> Entry not found in the scanned files: {', '.join(f'`{e}`' for e in result.unresolved_entries)}"
@@ -133,10 +139,14 @@ def static_markdown(result: StaticAuditResult, *, top: int = 10, generated: str 
         "",
         "## What a static scan cannot see",
         "",
-        "Types are guessed from the code (names assigned from torch calls, `torch.Tensor` annotations, "
-        "tensor attributes of classes); a sync on a value whose type the scan cannot tell is missed, and "
-        "a method-name call can be counted on a non-tensor. Syncs inside third-party code (transformers, "
-        "segment-anything, torchvision) are not scanned. Measure with `ultramotion-igt audit --runtime`.",
+        "This is a fast lint, not the measure: types are guessed from the code (torch calls, `torch.Tensor` "
+        'annotations of parameters and returns, a "Returns ... tensors" docstring, tensor attributes of '
+        "classes, also made with `setattr`); a sync on a value whose type the scan cannot tell is missed "
+        "(a tensor in a container, returned by an unannotated function, passed through a callback), and a "
+        "method-name call can be counted on a non-tensor. Ops that sync inside their kernels (`bincount`, "
+        "`histc`, `nms`, linalg checks), uploads, syncs inside third-party code (transformers, "
+        "segment-anything, torchvision) and which branch runs are not seen. "
+        "Measure with `ultramotion-igt audit --runtime`.",
         "",
     ]
     return "\n".join(lines)
@@ -155,39 +165,60 @@ def static_json(result: StaticAuditResult, *, generated: str | None = None, inde
 
 
 def runtime_markdown(result: RuntimeAuditResult, *, title: str | None = None, top: int = 15) -> str:
-    """A runtime audit as Markdown: per-frame counts, totals, the by-origin table."""
+    """A runtime audit as Markdown: per-frame means, categories, budgets, the by-origin table."""
+    from UltramotionIGTLib.tools.audit.runtime import CATEGORIES as RUNTIME_CATEGORIES
+
     d = result.to_dict()
+    totals = d["totals"]
     lines = [
         f"## {title or 'Runtime transfer audit'}",
         "",
         f"- Device: `{d['device']}` ({d['device_name']}); mode: {d['mode']}",
         f"- Frames audited: {d['frames']}",
-        f"- **Undeclared host syncs + device-to-host copies per frame (mean): {d['syncs_per_frame']:.2f}**",
-        f"- Declared hops per frame (mean): {d['declared_per_frame']:.2f}",
-        f"- Outside frames (set-up): {d['outside_frames']['undeclared']} undeclared, "
-        f"{d['outside_frames']['declared']} declared",
+        "- **Undeclared syncs + device-to-host copies + blocking uploads per frame (mean): "
+        f"{d['syncs_per_frame']:.2f}** (most in one frame: {d['max_syncs_in_a_frame']}; "
+        f"budget overruns per frame: {d['overruns_per_frame']:.2f})",
+        f"- Declared, within budget, per frame (mean): {d['declared_per_frame']:.2f}",
+        f"- Blocking uploads per frame, declared or not (mean): {d['uploads_per_frame']:.2f}",
+        f"- Set-up (warm-up, before the first frame): {totals['setup_undeclared']} undeclared, "
+        f"{totals['setup_declared']} declared; between frames, undeclared or over budget: "
+        f"{totals['between_frames_failing']}",
     ]
-    if d.get("cuda_sync_warnings_per_frame") is not None:
-        lines.append(f"- CUDA sync-debug warnings per frame (mean): {d['cuda_sync_warnings_per_frame']:.2f}")
-    if d.get("dtoh_memcpy_per_frame") is not None:
-        lines.append(f"- Profiler `Memcpy DtoH` events per frame (mean): {d['dtoh_memcpy_per_frame']:.2f}")
-    if d.get("notes"):
-        lines += [f"- Note: {n}" for n in d["notes"]]
-    lines += ["", "| Category | Undeclared | Declared |", "|---|---:|---:|"]
+    for key, label in (
+        ("cuda_sync_warnings_per_frame", "CUDA sync-debug warnings per frame, undeclared (mean)"),
+        ("dtoh_memcpy_per_frame", "Profiler `Memcpy DtoH` events per frame (mean)"),
+        ("htod_memcpy_per_frame", "Profiler `Memcpy HtoD` events per frame (mean)"),
+        ("cuda_runtime_syncs_per_frame", "Synchronising CUDA runtime calls per frame (mean)"),
+    ):
+        if d.get(key) is not None:
+            lines.append(f"- {label}: {d[key]:.2f}")
+    lines += [f"- Note: {n}" for n in d.get("notes", [])]
+    lines += ["", "| Category | Kind | Undeclared | Declared | Over budget |", "|---|---|---:|---:|---:|"]
     for cat, counts in d["by_category"].items():
-        lines.append(f"| `{cat}` | {counts['undeclared']} | {counts['declared']} |")
+        lines.append(
+            f"| `{cat}` | {RUNTIME_CATEGORIES[cat][0]} | {counts['undeclared']} | {counts['declared']} | "
+            f"{counts['over_budget']} |"
+        )
+    if d["budgets"]:
+        lines += ["", "| Declaration | `max_syncs` per pass | Most used in one pass |", "|---|---:|---:|"]
+        for reason, b in sorted(d["budgets"].items()):
+            lines.append(f"| {reason} | {b['max_syncs']} | {b['max_used']} |")
     lines += [
         "",
-        "| Origin | Ours? | Category | Count | Declared as | Called from our code |",
-        "|---|---|---|---:|---|---|",
+        "| Origin | Ours? | Category | Op | Count | Frames | Declared as | Called from our code |",
+        "|---|---|---|---|---:|---:|---|---|",
     ]
     for row in d["by_origin"][:top]:
+        declared = row["declared"] or "-"
+        if row["over_budget"]:
+            declared += " (**over budget**)"
         lines.append(
             f"| `{row['origin']}` | {'ours' if row['ours'] else 'third-party'} | `{row['category']}` | "
-            f"{row['count']} | {row['declared'] or '-'} | {('`' + row['our_frame'] + '`') if row['our_frame'] else '-'} |"
+            f"`{row['op']}` | {row['count']} | {row['frames']} | {declared} | "
+            f"{('`' + row['our_frame'] + '`') if row['our_frame'] else '-'} |"
         )
     if len(d["by_origin"]) > top:
-        lines.append(f"| ... {len(d['by_origin']) - top} more origins | | | | | |")
+        lines.append(f"| ... {len(d['by_origin']) - top} more origins | | | | | | | |")
     lines.append("")
     return "\n".join(lines)
 
@@ -208,32 +239,55 @@ def runtime_compare_markdown(results: Mapping[str, RuntimeAuditResult]) -> str:
 
     row("device", lambda d: f"`{d['device']}`")
     row("frames", lambda d: str(d["frames"]))
-    row("**undeclared syncs + D2H per frame**", lambda d: f"**{d['syncs_per_frame']:.2f}**")
-    row("declared hops per frame", lambda d: f"{d['declared_per_frame']:.2f}")
+    row("**undeclared syncs + copies + uploads per frame**", lambda d: f"**{d['syncs_per_frame']:.2f}**")
+    row("most in one frame", lambda d: str(d["max_syncs_in_a_frame"]))
+    row("budget overruns per frame", lambda d: f"{d['overruns_per_frame']:.2f}")
+    row("declared per frame (within budget)", lambda d: f"{d['declared_per_frame']:.2f}")
+    row("blocking uploads per frame (all)", lambda d: f"{d['uploads_per_frame']:.2f}")
     cats = sorted({c for d in dicts.values() for c in d["by_category"]})
 
     def cat_cell(d: dict[str, Any], c: str) -> str:
         counts = d["by_category"].get(c, {})
         undeclared, declared = counts.get("undeclared", 0), counts.get("declared", 0)
-        return f"{undeclared} (+{declared} declared)" if declared else str(undeclared)
+        over = counts.get("over_budget", 0)
+        text = str(undeclared)
+        if declared:
+            text += f" (+{declared} declared)"
+        if over:
+            text += f" (+{over} over budget)"
+        return text
 
     for cat in cats:
         row(f"`{cat}`, all frames", lambda d, c=cat: cat_cell(d, c))
-    if any(d.get("dtoh_memcpy_per_frame") is not None for d in dicts.values()):
-        row(
-            "`Memcpy DtoH` per frame",
-            lambda d: (
-                f"{d['dtoh_memcpy_per_frame']:.2f}" if d.get("dtoh_memcpy_per_frame") is not None else "-"
-            ),
-        )
-    if any(d.get("cuda_sync_warnings_per_frame") is not None for d in dicts.values()):
-        row(
-            "CUDA sync warnings per frame",
-            lambda d: (
-                f"{d['cuda_sync_warnings_per_frame']:.2f}"
-                if d.get("cuda_sync_warnings_per_frame") is not None
-                else "-"
-            ),
-        )
+    for key, label in (
+        ("cuda_sync_warnings_per_frame", "CUDA sync warnings per frame"),
+        ("dtoh_memcpy_per_frame", "`Memcpy DtoH` per frame"),
+        ("htod_memcpy_per_frame", "`Memcpy HtoD` per frame"),
+        ("cuda_runtime_syncs_per_frame", "sync runtime calls per frame"),
+    ):
+        if any(d.get(key) is not None for d in dicts.values()):
+            row(label, lambda d, k=key: f"{d[k]:.2f}" if d.get(k) is not None else "-")
     lines.append("")
     return "\n".join(lines)
+
+
+def gate_lines(result: RuntimeAuditResult) -> list[str]:
+    """One line per failing origin (undeclared or over budget, after set-up), ``file:line`` first."""
+    rows = result.by_origin(phases=("frame", "between"))
+    out = []
+    for row in rows:
+        if row["declared"] is not None and not row["over_budget"]:
+            continue
+        party = "ours" if row["ours"] else f"third-party, called from {row['our_frame'] or '?'}"
+        why = (
+            f"over the budget of {row['declared']!r} (max_syncs={result.budgets.get(row['declared'], {}).get('max_syncs')})"
+            if row["over_budget"]
+            else "undeclared"
+        )
+        where = (
+            f"in {row['frames']} frame(s), first {row['first_frame']}" if row["frames"] else "between frames"
+        )
+        out.append(
+            f"{row['origin']}: {row['category']} ({row['op']}) x{row['count']} {where}; {why} ({party})"
+        )
+    return out

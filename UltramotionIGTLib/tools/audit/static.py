@@ -29,24 +29,34 @@ one ``.detach()`` (apart). Method-name hops (``.cpu()``, ``.numpy()``, ``.item()
 "Tensor expression" without types (a heuristic, flow-sensitive in source order within a function):
 parameters annotated ``torch.Tensor``; names assigned from a torch call (``torch.*``,
 ``torch.nn.functional.*``, ``torchvision.ops.*``), from a tensor method on a tensor, from arithmetic,
-comparison, indexing of a tensor; loop variables over a tensor; ``self.x`` attributes assigned a tensor
-anywhere in the class, registered as buffers or annotated ``torch.Tensor`` in the class body (also
-``obj.x`` when ``obj`` is annotated with such a class); calls to functions of the scanned files
-annotated ``-> torch.Tensor``. ``.shape/.ndim/.dtype/.device``, ``.dim()/.size()/.numel()`` are not
-tensors. A boolean mask is a comparison of a tensor, ``~``/``&``/``|`` of masks, ``.bool()``,
-``isnan``-like and ``logical_*`` functions, ``.any(dim)/.all(dim)``, ``to(torch.bool)``, or a
-name assigned from one of those. Anything else is unknown and is not reported as an implicit sync.
+comparison, indexing of a tensor; loop variables over a tensor; names unpacked from a call whose
+function is annotated ``-> tuple[torch.Tensor, ...]`` (or ``-> torch.Tensor``), or, without an
+annotation, whose docstring's "Returns" sentence speaks of tensors; ``self.x`` attributes assigned a
+tensor anywhere in the class (also ``setattr(self, "x", t)`` and ``for name, t in self.m().items():
+setattr(self, name, t)`` over a method returning a dict of tensors), registered as buffers or
+annotated ``torch.Tensor`` in the class body (also ``obj.x`` when ``obj``'s class is known from an
+annotation, a constructor or a return annotation). ``.shape/.ndim/.dtype/.device``,
+``.dim()/.size()/.numel()`` are not tensors. A boolean mask is a comparison of a tensor,
+``~``/``&``/``|`` of masks, ``.bool()``, ``isnan``-like and ``logical_*`` functions,
+``.any()/.all()``, ``to(torch.bool)``, ``dtype=torch.bool`` factories, or a name assigned from one of
+those. An integer tensor (indices: ``arange``, ``argmax``, ``topk``/``sort`` indices, integer
+dtypes, ``torch.LongTensor`` annotations, a mask's ``sum``/``cumsum``) is not a mask. Indexing with a
+tensor typed only by an annotation without a dtype (a ``valid: torch.Tensor`` parameter, an element of
+an annotated return) is reported as a possible boolean-mask index. Anything else is unknown and is not
+reported as an implicit sync. Calls and syncs inside keyword arguments (``f(x=t.cpu())``) count
+like positional ones.
 
 Severity: ``critical`` in the per-frame hot path (functions reachable through the call graph from
-the entry points, default ``UltramotionIGTLib/core/pipeline.py:Pipeline.process_frame``, or from
-functions matching ``--hot-path`` globs on ``file:function``), ``medium`` elsewhere in inference
-code, ``minor`` in training/test/benchmark code (by path), ``declared`` inside
-``with allowed_host_transfer(...)``, ``info`` for ``.detach()``. The call graph is a heuristic too:
-calls through ``self``, module functions, imports, classes, attributes whose class is known
-(``self.x = Cls(...)``, annotations), and, for a method name called on an object of unknown type,
-every method of that name in the scanned files unless the name is generic (``update``, ``forward``,
-tensor method names...). Functions matching a not-hot glob (default ``*:*legacy*``: the legacy path
-kept for side-by-side measurement) are not entered.
+the entry points, default `DEFAULT_ENTRIES`: ``Pipeline.run``, ``Pipeline.process_frame``,
+``ResultPacket.to_host``; or from functions matching ``--hot-path`` globs on ``file:function``),
+``medium`` elsewhere in inference code, ``minor`` in training/test/benchmark code (by path),
+``declared`` inside ``with allowed_host_transfer(...)``, ``info`` for ``.detach()``. The call graph
+is a heuristic too: calls through ``self``, module functions, imports, classes, attributes whose class
+is known (``self.x = Cls(...)``, annotations), and, for a method name called on an object of unknown
+type, every method of that name in the scanned files unless the name is generic (``update``,
+``forward``, tensor method names...). Functions named in the not-hot list (default `DEFAULT_NOT_HOT`,
+each ``file:function``: the legacy path kept for side-by-side measurement, the opt-in runtime
+audit) are not entered; no name pattern exempts anything.
 """
 
 from __future__ import annotations
@@ -80,11 +90,27 @@ CATEGORIES: dict[str, tuple[str, str, str]] = {
     "detach": ("not_transfer", ".detach()", "not a transfer: cuts the autograd graph only"),
 }
 SEVERITIES = ("critical", "medium", "minor", "declared", "info")
-DEFAULT_ENTRIES = ("UltramotionIGTLib/core/pipeline.py:Pipeline.process_frame",)
-DEFAULT_NOT_HOT = ("*:*legacy*",)
+#: every per-frame entry point (``file:function``): the frame loop, one frame, the host copy at the edge
+DEFAULT_ENTRIES = (
+    "UltramotionIGTLib/core/pipeline.py:Pipeline.run",
+    "UltramotionIGTLib/core/pipeline.py:Pipeline.process_frame",
+    "UltramotionIGTLib/core/packet.py:ResultPacket.to_host",
+)
+#: functions the hot path reaches in the call graph but never runs per frame in the resident path,
+#: each named (``file:function``; a ``*`` stands for every function of a file): the numpy edge of the
+#: SAM predictor (``predict_boxes(as_numpy=True)``, which the pipeline never asks for), the Pillow
+#: resize-order probe (once per process, on host arrays) and the opt-in runtime audit itself. (The
+#: in-house legacy path lives in tools/benchmarks/legacy.py, outside the core's call graph.)
+DEFAULT_NOT_HOT = (
+    "UltramotionIGTLib/core/sam/segmenter.py:SamOutput.to_numpy",
+    "UltramotionIGTLib/core/sam/resize.py:_pillow_uses_order_rule",
+    "UltramotionIGTLib/tools/audit/runtime.py:*",
+)
 SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "build", "dist", "node_modules", "site-packages", ".tox"}
 
-TENSOR, BOOL, HOST, CPUDEV = "tensor", "bool", "host", "cpudev"
+TENSOR, BOOL, INT, HOST, CPUDEV = "tensor", "bool", "int", "host", "cpudev"
+#: kinds that are tensors (TENSOR: dtype unknown; BOOL: a boolean mask; INT: an integer tensor)
+TENSORISH = (TENSOR, BOOL, INT)
 
 _NUMPY_MODULES = {"numpy"}
 _TORCH_NON_TENSOR_SUBMODULES = {
@@ -253,6 +279,74 @@ _TUPLE_TENSOR_METHODS = {
     "eig",
     "slogdet",
 }
+#: torch functions that return integer tensors (indices)
+_INT_TORCH_FUNCS = {
+    "argmax",
+    "argmin",
+    "argsort",
+    "randperm",
+    "randint",
+    "randint_like",
+    "nonzero",
+    "argwhere",
+    "searchsorted",
+    "bucketize",
+    "tril_indices",
+    "triu_indices",
+    "multinomial",
+    "bincount",
+}
+_INT_DTYPES = {"int64", "long", "int32", "int", "int16", "short", "int8"}
+#: tensor methods that return integer tensors
+_INT_METHODS = {"argmax", "argmin", "argsort", "nonzero", "argwhere", "long", "int", "short", "bincount"}
+#: tensor methods whose result keeps the receiver's dtype (so a mask stays a mask, indices stay indices)
+_DTYPE_KEEPING_METHODS = {
+    "clone",
+    "detach",
+    "contiguous",
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "permute",
+    "transpose",
+    "t",
+    "cuda",
+    "__getitem__",
+    "scatter",
+    "scatter_",
+    "gather",
+    "index_select",
+    "masked_fill",
+    "masked_fill_",
+    "flip",
+    "roll",
+    "repeat",
+    "narrow",
+    "select",
+    "diagonal",
+    "tril",
+    "triu",
+    "cummax",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_max",
+    "fill_",
+    "zero_",
+    "copy_",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+}
+#: (values, indices) tuple results
+_VALUES_INDICES_METHODS = {"max", "min", "sort", "topk", "kthvalue", "median", "mode", "cummax", "cummin"}
 _PASSTHROUGH_BUILTINS = {
     "float",
     "int",
@@ -462,6 +556,7 @@ class StaticAuditResult:
     findings: list[Finding] = field(default_factory=list)
     parse_errors: list[str] = field(default_factory=list)
     unresolved_entries: list[str] = field(default_factory=list)
+    unmatched_not_hot: list[str] = field(default_factory=list)
 
     @property
     def transfers(self) -> list[Finding]:
@@ -494,6 +589,7 @@ class StaticAuditResult:
             "files_scanned": self.files_scanned,
             "entries": self.entries,
             "unresolved_entries": self.unresolved_entries,
+            "unmatched_not_hot": self.unmatched_not_hot,
             "hot_path_patterns": self.hot_patterns,
             "not_hot_patterns": self.not_hot_patterns,
             "hot_path_functions": self.hot_functions,
@@ -565,9 +661,40 @@ def _annotation_kind(node: ast.AST | None) -> str | None:
     text = re.sub(r"^Optional\[(.*)\]$", r"\1", text).replace("|None", "").replace("None|", "")
     if text in ("torch.Tensor", "Tensor", "th.Tensor", "torch.nn.Parameter", "nn.Parameter"):
         return TENSOR
+    if text in ("torch.LongTensor", "torch.IntTensor", "LongTensor", "IntTensor"):
+        return INT
+    if text in ("torch.BoolTensor", "BoolTensor"):
+        return BOOL
     if text in ("np.ndarray", "numpy.ndarray", "ndarray", "int", "float", "bool", "str"):
         return HOST
     return None
+
+
+def _return_kinds(
+    fn: ast.FunctionDef | ast.AsyncFunctionDef,
+) -> tuple[str | None, tuple[str | None, ...] | None]:
+    """(kind of the returned value, kinds of a returned tuple's elements) from the return
+    annotation (``-> torch.Tensor``, ``-> tuple[torch.Tensor, torch.Tensor]``, ``-> tuple[Tensor, ...]``)
+    or, without one, from the docstring: a "Returns" sentence that speaks of tensors makes every
+    returned value (and tuple element) a tensor of unknown dtype."""
+    ann = fn.returns
+    if ann is not None:
+        single = _annotation_kind(ann)
+        if single is not None:
+            return single, None
+        if isinstance(ann, ast.Subscript) and (_dotted(ann.value) or "").split(".")[-1] in ("tuple", "Tuple"):
+            elts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+            if len(elts) == 2 and isinstance(elts[1], ast.Constant) and elts[1].value is Ellipsis:
+                return None, (_annotation_kind(elts[0]),) * 64
+            return None, tuple(_annotation_kind(e) for e in elts)
+        return None, None
+    doc = ast.get_docstring(fn) or ""
+    match = re.search(r"\bReturns?\b", doc)
+    if match:
+        sentence = doc[match.start() :].split("\n\n", 1)[0]
+        if re.search(r"\btensors?\b", sentence, re.IGNORECASE):
+            return TENSOR, (TENSOR,) * 64
+    return None, None
 
 
 def _annotation_class(node: ast.AST | None) -> str | None:
@@ -600,6 +727,9 @@ class _FuncInfo:
     node: ast.FunctionDef | ast.AsyncFunctionDef
     class_name: str | None
     returns_tensor: bool
+    returns: str | None = None  # kind of the returned value (TENSOR, BOOL, INT) or None
+    returns_tuple: tuple[str | None, ...] | None = None  # kinds of a returned tuple's elements
+    returns_class: str | None = None  # class name of the returned object (``-> Detections``)
 
 
 @dataclass
@@ -608,7 +738,10 @@ class _ClassInfo:
     file: str
     bases: list[str]
     methods: dict[str, str]  # method name -> qualname
-    tensor_attrs: set[str] = field(default_factory=set)
+    tensor_attrs: dict[str, str] = field(default_factory=dict)  # self.x -> TENSOR / BOOL / INT
+    dict_tensor_keys: dict[str, set[str]] = field(
+        default_factory=dict
+    )  # method -> keys of its dict of tensors
     attr_types: dict[str, str] = field(default_factory=dict)  # self.x -> class name
 
 
@@ -677,8 +810,17 @@ def _collect_defs(info: _FileInfo) -> None:
         for node in body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 qual = f"{prefix}{node.name}"
-                returns = _annotation_kind(node.returns) == TENSOR
-                info.functions[qual] = _FuncInfo(info.rel, qual, node, class_name, returns)
+                single, elements = _return_kinds(node)
+                info.functions[qual] = _FuncInfo(
+                    info.rel,
+                    qual,
+                    node,
+                    class_name,
+                    single in TENSORISH,
+                    single,
+                    elements,
+                    _annotation_class(node.returns) if single is None and elements is None else None,
+                )
                 if cls is not None:
                     cls.methods[node.name] = qual
                 visit(node.body, qual + ".", None, None)
@@ -690,8 +832,9 @@ def _collect_defs(info: _FileInfo) -> None:
                     info.classes[node.name] = new
                 for stmt in node.body:
                     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                        if _annotation_kind(stmt.annotation) == TENSOR:
-                            new.tensor_attrs.add(stmt.target.id)
+                        ann = _annotation_kind(stmt.annotation)
+                        if ann in TENSORISH:
+                            new.tensor_attrs[stmt.target.id] = ann
                         else:
                             cname = _annotation_class(stmt.annotation)
                             if cname:
@@ -735,6 +878,7 @@ class _Scanner:
 
     # -- class attributes --------------------------------------------------------------------------
     def _collect_class_attrs(self) -> None:
+        self._collect_dict_returns()
         for f in self.files:
             for fn in f.functions.values():
                 if fn.class_name is None or fn.class_name not in f.classes:
@@ -751,20 +895,24 @@ class _Scanner:
                         target, value = node.targets[0], node.value
                     elif isinstance(node, ast.AnnAssign) and node.value is not None:
                         target, value = node.target, node.value
-                        if _annotation_kind(node.annotation) == TENSOR and self._is_self_attr(target):
-                            cls.tensor_attrs.add(target.attr)
+                        ann = _annotation_kind(node.annotation)
+                        if ann in TENSORISH and self._is_self_attr(target):
+                            cls.tensor_attrs[target.attr] = ann
                     else:
                         if isinstance(node, ast.Call) and _dotted(node.func) == "self.register_buffer":
                             if node.args and isinstance(node.args[0], ast.Constant):
-                                cls.tensor_attrs.add(str(node.args[0].value))
+                                cls.tensor_attrs[str(node.args[0].value)] = TENSOR
+                        elif isinstance(node, ast.Call):
+                            self._setattr(node, fn, f, cls, params)
                         continue
                     cname = self._constructed_class(value, f)
                     if isinstance(target, ast.Name) and cname:
                         local_types[target.id] = cname
                     if not self._is_self_attr(target):
                         continue
-                    if self._expr_kind_simple(value, f, params) in (TENSOR, BOOL):
-                        cls.tensor_attrs.add(target.attr)
+                    kind = self._expr_kind_simple(value, f, params)
+                    if kind in TENSORISH:
+                        cls.tensor_attrs[target.attr] = kind
                     if cname:
                         cls.attr_types[target.attr] = cname
                     elif isinstance(value, ast.Name):
@@ -775,6 +923,61 @@ class _Scanner:
                             cname = _annotation_class(ann)
                             if cname and cname in self.classes:
                                 cls.attr_types[target.attr] = cname
+
+    def _collect_dict_returns(self) -> None:
+        """Methods that return a dict literal of tensors: ``{"boxes": torch.zeros(...), ...}``."""
+        for f in self.files:
+            for fn in f.functions.values():
+                if fn.class_name is None or fn.class_name not in f.classes:
+                    continue
+                params = self._param_env(fn.node, f)
+                for node in ast.walk(fn.node):
+                    if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict):
+                        keys = {}
+                        for k, v in zip(node.value.keys, node.value.values, strict=True):
+                            kind = self._expr_kind_simple(v, f, params)
+                            if isinstance(k, ast.Constant) and isinstance(k.value, str) and kind in TENSORISH:
+                                keys[k.value] = kind
+                        if keys:
+                            f.classes[fn.class_name].dict_tensor_keys[fn.node.name] = keys
+
+    def _setattr(self, call: ast.Call, fn: _FuncInfo, f: _FileInfo, cls: _ClassInfo, params: dict) -> None:
+        """``setattr(self, "x", t)`` / ``object.__setattr__(self, "x", t)``, and the loop
+        ``for name, t in self.fresh().items(): setattr(self, name, t)`` over a method's dict of tensors."""
+        name = _dotted(call.func)
+        if name not in ("setattr", "object.__setattr__") or len(call.args) != 3:
+            return
+        owner, attr, value = call.args
+        if not (isinstance(owner, ast.Name) and owner.id == "self"):
+            return
+        if isinstance(attr, ast.Constant) and isinstance(attr.value, str):
+            kind = self._expr_kind_simple(value, f, params)
+            if kind in TENSORISH:
+                cls.tensor_attrs[attr.value] = kind
+            return
+        if not isinstance(attr, ast.Name):
+            return
+        for loop in ast.walk(fn.node):
+            if not (isinstance(loop, ast.For) and any(call is n for n in ast.walk(loop))):
+                continue
+            target, it = loop.target, loop.iter
+            names = target.elts if isinstance(target, ast.Tuple) else [target]
+            if not (names and isinstance(names[0], ast.Name) and names[0].id == attr.id):
+                continue
+            # for name, t in self.method().items()  |  for name in self.method()
+            src = (
+                it.func.value
+                if isinstance(it, ast.Call)
+                and isinstance(it.func, ast.Attribute)
+                and it.func.attr in ("items", "keys")
+                else it
+            )
+            if isinstance(src, ast.Call) and self._is_self_attr(src.func):
+                for other in [cls, *self.classes.get(cls.name, [])]:
+                    keys = other.dict_tensor_keys.get(src.func.attr)
+                    if keys:
+                        cls.tensor_attrs.update(keys)
+                        return
 
     @staticmethod
     def _is_self_attr(node: ast.AST) -> bool:
@@ -835,6 +1038,12 @@ class _Scanner:
                 env = dict(f.module_env)
                 env.update(self._param_env(fn.node, f))
                 visitor = _FunctionVisitor(self, f, qual, fn.class_name, env)
+                args = fn.node.args
+                visitor.annotated = {
+                    a.arg
+                    for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]
+                    if _annotation_kind(a.annotation) == TENSOR
+                }
                 visitor.run(fn.node.body)
                 # nested functions run when their parent runs (an approximation)
                 for child in nested.get(qual, ()):
@@ -970,7 +1179,7 @@ class _ExprClassifier:
         self.f = f
         self.env = env
         self.class_name = class_name
-        self._returns_cache: dict[int, bool] = {}
+        self._returns_cache: dict[int, _FuncInfo | None] = {}
 
     def _module_of(self, name: str) -> str | None:
         return self.f.aliases.get(name)
@@ -1050,7 +1259,7 @@ class _ExprClassifier:
     def kind(self, node: ast.AST) -> str | None:  # noqa: C901 - one dispatch table
         if isinstance(node, ast.Name):
             k = self.env.get(node.id)
-            return k if k in (TENSOR, BOOL, HOST, CPUDEV) else None
+            return k if k in (*TENSORISH, HOST, CPUDEV) else None
         if isinstance(node, ast.Constant):
             if isinstance(node.value, str) and (node.value == "cpu" or node.value.startswith("cpu:")):
                 return CPUDEV
@@ -1063,12 +1272,14 @@ class _ExprClassifier:
             if any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
                 return HOST
             kinds = [self.kind(node.left), *(self.kind(c) for c in node.comparators)]
-            return BOOL if any(k in (TENSOR, BOOL) for k in kinds) else None
+            return BOOL if any(k in TENSORISH for k in kinds) else None
         if isinstance(node, ast.BinOp):
             left, right = self.kind(node.left), self.kind(node.right)
             if isinstance(node.op, (ast.BitAnd, ast.BitOr, ast.BitXor)) and BOOL in (left, right):
                 return BOOL
-            if TENSOR in (left, right) or BOOL in (left, right):
+            if INT in (left, right) and {left, right} <= {INT, HOST} and not isinstance(node.op, ast.Div):
+                return INT
+            if any(k in TENSORISH for k in (left, right)):
                 if isinstance(node.op, ast.Mod) and isinstance(node.left, ast.Constant):
                     return HOST  # "%s" % t is a string
                 return TENSOR
@@ -1077,30 +1288,32 @@ class _ExprClassifier:
             inner = self.kind(node.operand)
             if isinstance(node.op, ast.Not):
                 return HOST
-            return inner if inner in (TENSOR, BOOL) else (HOST if inner == HOST else None)
+            return inner if inner in TENSORISH else (HOST if inner == HOST else None)
         if isinstance(node, ast.IfExp):
             a, b = self.kind(node.body), self.kind(node.orelse)
             return a if a == b else (TENSOR if TENSOR in (a, b) else None)
         if isinstance(node, ast.Subscript):
             base = self.kind(node.value)
-            return TENSOR if base in (TENSOR, BOOL) else (HOST if base == HOST else None)
+            if base == INT:
+                return INT
+            return TENSOR if base in TENSORISH else (HOST if base == HOST else None)
         if isinstance(node, ast.Attribute):
             if node.attr in _NON_TENSOR_ATTRS:
                 return HOST if node.attr != "device" else None
             base = self.kind(node.value)
-            if node.attr in _TENSOR_ATTRS and base in (TENSOR, BOOL):
+            if node.attr in _TENSOR_ATTRS and base in TENSORISH:
                 return base
             if isinstance(node.value, ast.Name):
                 owner = node.value.id
                 if owner == "self" and self.class_name:
                     for cls in self.s.classes.get(self.class_name, []):
                         if node.attr in cls.tensor_attrs:
-                            return TENSOR
+                            return cls.tensor_attrs[node.attr]
                 k = self.env.get(owner, "")
                 if k.startswith("obj:"):
                     for cls in self.s.classes.get(k[4:], []):
                         if node.attr in cls.tensor_attrs:
-                            return TENSOR
+                            return cls.tensor_attrs[node.attr]
             path = self.torch_path(node)
             if path and len(path) == 2 and path[1] in ("bool",):
                 return None
@@ -1113,17 +1326,28 @@ class _ExprClassifier:
             return self.kind(node.value)
         return None
 
-    def returns_tensor(self, func: ast.AST) -> bool:
-        """Does the call resolve (call graph) to a scanned function annotated ``-> torch.Tensor``?"""
+    def returned(self, func: ast.AST) -> _FuncInfo | None:
+        """The scanned function a call resolves to (call graph) that says what it returns, or None."""
         key = id(func)
         if key not in self._returns_cache:
             targets = self.s.resolve_call(self.f, func, self.class_name, self.env)
-            self._returns_cache[key] = any(
-                self.s.func_index[t].returns_tensor for t in targets if t in self.s.func_index
-            )
+            infos = [self.s.func_index[t] for t in targets if t in self.s.func_index]
+            known = [i for i in infos if i.returns or i.returns_tuple or i.returns_class]
+            self._returns_cache[key] = known[0] if known else None
         return self._returns_cache[key]
 
-    def call_kind(self, node: ast.Call) -> str | None:
+    def dtype_kind(self, node: ast.AST | None) -> str | None:
+        """BOOL / INT for a ``torch.bool`` / integer dtype expression, else None."""
+        if node is None:
+            return None
+        last = (self.torch_path(node) or [""])[-1]
+        if last == "bool":
+            return BOOL
+        if last in _INT_DTYPES:
+            return INT
+        return None
+
+    def call_kind(self, node: ast.Call) -> str | None:  # noqa: C901 - one dispatch table
         func = node.func
         tpath = self.torch_path(func)
         if tpath is not None:
@@ -1140,19 +1364,27 @@ class _ExprClassifier:
                 return BOOL
             if last in ("any", "all") and (len(node.args) > 1 or _kw(node, "dim") is not None):
                 return BOOL
-            if last in (
-                "zeros",
-                "ones",
-                "full",
-                "empty",
-                "zeros_like",
-                "ones_like",
-                "full_like",
-                "empty_like",
+            dtype = self.dtype_kind(_kw(node, "dtype"))
+            if dtype is not None:
+                return dtype
+            if last in _INT_TORCH_FUNCS:
+                return INT
+            # where(cond, a, b) and cat/stack keep the dtype their tensors share (a mask, indices)
+            if last == "where" and len(node.args) == 3:
+                return self._shared_kind(node.args[1:])
+            if last in ("cat", "concat", "concatenate", "stack", "hstack", "vstack") and node.args:
+                if isinstance(node.args[0], (ast.Tuple, ast.List)):
+                    return self._shared_kind(node.args[0].elts)
+            if (
+                last in ("sum", "cumsum", "count_nonzero")
+                and node.args
+                and self.kind(node.args[0]) in (BOOL, INT)
             ):
-                dt = _kw(node, "dtype")
-                if dt is not None and (self.torch_path(dt) or [""])[-1] == "bool":
-                    return BOOL
+                return INT
+            if last == "arange" and not any(
+                isinstance(a, ast.Constant) and isinstance(a.value, float) for a in node.args
+            ):
+                return INT
             return TENSOR
         npath = self.numpy_path(func)
         if npath is not None:
@@ -1160,50 +1392,86 @@ class _ExprClassifier:
         if isinstance(func, ast.Name):
             if func.id in ("len", "int", "float", "bool", "str", "repr", "range", "format", "list", "tuple"):
                 return HOST
-            if self.returns_tensor(func):
-                return TENSOR
-            return None
+            info = self.returned(func)
+            return info.returns if info is not None and info.returns in TENSORISH else None
         if isinstance(func, ast.Attribute):
             method = func.attr
             recv = self.kind(func.value)
             if method in ("numpy", "tolist", "item"):
                 return HOST
             if method in ("cpu",):
-                return TENSOR
-            if recv in (TENSOR, BOOL):
+                return recv if recv in TENSORISH else TENSOR
+            if recv in TENSORISH:
                 if method in _NON_TENSOR_METHODS:
                     return HOST
-                if method in _BOOL_METHODS:
+                if method in _BOOL_METHODS or method in ("any", "all"):
                     return BOOL
-                if method in ("any", "all"):
-                    return BOOL
-                if method == "to":
+                if method in _INT_METHODS:
+                    return INT
+                if method in ("sum", "cumsum", "count_nonzero") and recv in (BOOL, INT):
+                    return INT  # counting a mask, summing indices
+                if method in ("to", "type"):
                     args = [*node.args, *(kw.value for kw in node.keywords if kw.arg == "dtype")]
-                    if any((self.torch_path(a) or [""])[-1] == "bool" for a in args):
-                        return BOOL
+                    for a in args:
+                        kind = self.dtype_kind(a)
+                        if kind is not None:
+                            return kind
+                    if any(self.torch_path(a) for a in args):
+                        return TENSOR  # another dtype
                     return recv
-                if method in (
-                    "clone",
-                    "detach",
-                    "contiguous",
-                    "view",
-                    "reshape",
-                    "flatten",
-                    "squeeze",
-                    "unsqueeze",
-                    "expand",
-                    "permute",
-                    "transpose",
-                    "cuda",
-                    "__getitem__",
-                ):
+                if method in _DTYPE_KEEPING_METHODS:
                     return recv
                 return TENSOR
             if recv == HOST:
                 return HOST
-            if self.returns_tensor(func):
-                return TENSOR
+            info = self.returned(func)
+            if info is not None and info.returns in TENSORISH:
+                return info.returns
         return None
+
+    def _shared_kind(self, nodes: Sequence[ast.AST]) -> str:
+        """INT / BOOL when every tensor among ``nodes`` is one (Python numbers go along), else TENSOR."""
+        kinds = [self.kind(n) for n in nodes]
+        tensors = [k for k in kinds if k in TENSORISH]
+        others_host = all(k in TENSORISH or k == HOST for k in kinds)
+        if tensors and others_host and all(k == INT for k in tensors):
+            return INT
+        if tensors and all(k == BOOL for k in kinds):
+            return BOOL
+        return TENSOR
+
+    def call_class(self, node: ast.Call) -> str | None:
+        """Class name of the object a call returns: a constructor, or a function annotated ``-> Cls``."""
+        cname = self.s._constructed_class(node, self.f)
+        if cname:
+            return cname
+        info = self.returned(node.func)
+        if info is not None and info.returns_class in self.s.classes:
+            return info.returns_class
+        return None
+
+    def tuple_kinds(self, node: ast.Call, n: int) -> list[str | None]:
+        """Kinds of the elements of a call's returned tuple (``a, b, valid = f(...)``)."""
+        func = node.func
+        last = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        tpath = self.torch_path(func)
+        on_tensor = isinstance(func, ast.Attribute) and self.kind(func.value) in TENSORISH
+        if (tpath and last in _TUPLE_TENSOR_METHODS) or (on_tensor and last in _TUPLE_TENSOR_METHODS):
+            if last in _VALUES_INDICES_METHODS and n == 2:
+                value = (
+                    self.kind(func.value) if on_tensor else (self.kind(node.args[0]) if node.args else TENSOR)
+                )
+                return [value if value in TENSORISH else TENSOR, INT]
+            return [TENSOR] * n
+        if tpath is not None and self.call_kind(node) in TENSORISH:
+            return [TENSOR] * n
+        info = self.returned(func)
+        if info is not None and info.returns_tuple is not None:
+            kinds = list(info.returns_tuple[:n])
+            return kinds + [None] * (n - len(kinds))
+        if info is not None and info.returns in TENSORISH:
+            return [TENSOR] * n
+        return [None] * n
 
 
 class _FunctionVisitor:
@@ -1227,6 +1495,9 @@ class _FunctionVisitor:
         self.cls = _ExprClassifier(scanner, f, env, class_name)
         self.declared: list[str] = []
         self.hostcopy: set[str] = set()
+        #: names typed only by an annotation that says Tensor without a dtype (parameters, elements of
+        #: an annotated return): used as an index, such a tensor may be a boolean mask
+        self.annotated: set[str] = set()
 
     # -- statements --------------------------------------------------------------------------------
     def run(self, body: list[ast.stmt]) -> None:
@@ -1255,6 +1526,7 @@ class _FunctionVisitor:
             ann = _annotation_kind(node.annotation)
             if ann and isinstance(node.target, ast.Name):
                 self.env[node.target.id] = ann
+                (self.annotated.add if ann == TENSOR else self.annotated.discard)(node.target.id)
             self.store(node.target)
             return
         if isinstance(node, ast.AugAssign):
@@ -1359,13 +1631,14 @@ class _FunctionVisitor:
             hop = value is not None and self._contains_hop(value) and not self.is_upload(value)
             kind = self.cls.kind(value) if value is not None else None
             if kind is None and isinstance(value, ast.Call):
-                cname = self.s._constructed_class(value, self.f)
+                cname = self.cls.call_class(value)
                 if cname:
                     kind = "obj:" + cname
             if kind is None:
                 self.env.pop(target.id, None)
             else:
                 self.env[target.id] = kind
+            self.annotated.discard(target.id)
             if hop:
                 self.hostcopy.add(target.id)
             else:
@@ -1375,29 +1648,25 @@ class _FunctionVisitor:
                 for t, v in zip(target.elts, value.elts, strict=True):
                     self.bind(t, v)
                 return
-            kind = None
-            if isinstance(value, ast.Call):
-                func = value.func
-                last = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                tpath = self.cls.torch_path(func)
-                if (tpath and last in _TUPLE_TENSOR_METHODS) or (
-                    isinstance(func, ast.Attribute)
-                    and last in _TUPLE_TENSOR_METHODS
-                    and self.cls.kind(func.value) in (TENSOR, BOOL)
-                ):
-                    kind = TENSOR
-                elif tpath is not None and self.cls.call_kind(value) == TENSOR:
-                    kind = TENSOR
-                elif self.cls.kind(func.value if isinstance(func, ast.Attribute) else func) == TENSOR:
-                    kind = TENSOR
+            kinds = (
+                self.cls.tuple_kinds(value, len(target.elts))
+                if isinstance(value, ast.Call)
+                else [None] * len(target.elts)
+            )
             hop = value is not None and self._contains_hop(value)
-            for elt in target.elts:
+            info = self.cls.returned(value.func) if isinstance(value, ast.Call) else None
+            from_annotation = info is not None and info.returns_tuple is not None
+            for elt, kind in zip(target.elts, kinds, strict=True):
                 inner = elt.value if isinstance(elt, ast.Starred) else elt
                 if isinstance(inner, ast.Name):
                     if kind:
                         self.env[inner.id] = kind
                     else:
                         self.env.pop(inner.id, None)
+                    if from_annotation and kind == TENSOR:
+                        self.annotated.add(inner.id)
+                    else:
+                        self.annotated.discard(inner.id)
                     (self.hostcopy.add if hop else self.hostcopy.discard)(inner.id)
                 else:
                     self.bind(inner, None)
@@ -1406,8 +1675,9 @@ class _FunctionVisitor:
         kind = self.cls.kind(iterable)
         names = [n for n in ast.walk(target) if isinstance(n, ast.Name)]
         for n in names:
-            if kind in (TENSOR, BOOL) and isinstance(target, ast.Name):
-                self.env[n.id] = TENSOR
+            self.annotated.discard(n.id)
+            if kind in TENSORISH and isinstance(target, ast.Name):
+                self.env[n.id] = kind
             elif kind == HOST:
                 self.env[n.id] = HOST
             else:
@@ -1443,7 +1713,7 @@ class _FunctionVisitor:
         )
 
     def is_tensorish(self, node: ast.AST) -> bool:
-        return self.cls.kind(node) in (TENSOR, BOOL)
+        return self.cls.kind(node) in TENSORISH
 
     def condition(self, test: ast.AST) -> None:
         """Report each tensor-valued operand whose truth value is taken."""
@@ -1508,7 +1778,13 @@ class _FunctionVisitor:
             return
         index = node.slice
         parts = index.elts if isinstance(index, ast.Tuple) else [index]
-        if any(self.cls.kind(p) == BOOL for p in parts):
+        # a boolean mask, or a tensor typed only by an annotation without a dtype (a ``valid: Tensor``
+        # parameter may well be a mask); integer index tensors are known as such (INT)
+        if any(
+            self.cls.kind(p) == BOOL
+            or (isinstance(p, ast.Name) and p.id in self.annotated and self.cls.kind(p) == TENSOR)
+            for p in parts
+        ):
             self.report(node, "bool_mask_index")
 
     def format_args(self, args: Iterable[ast.AST]) -> None:
@@ -1542,7 +1818,7 @@ class _FunctionVisitor:
         if (_dotted(func) or "") in ("operator.index",) and node.args and self.is_tensorish(node.args[0]):
             self.report(node, "scalar_cast")
         if last in ("equal", "allclose", "is_nonzero") or (
-            method in ("equal", "allclose", "is_nonzero") and recv_kind in (TENSOR, BOOL)
+            method in ("equal", "allclose", "is_nonzero") and recv_kind in TENSORISH
         ):
             self.report(node, "scalar_cast")
         if last in ("nonzero", "argwhere") or (is_method and method in ("nonzero", "argwhere")):
@@ -1613,6 +1889,8 @@ class _FunctionVisitor:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.expr):
                 self.expr(child)
+            elif isinstance(child, ast.keyword):  # f(x=t.cpu()): not an ast.expr node itself
+                self.expr(child.value)
         if isinstance(node, ast.Call) and not self.module_level:
             for target in self.s.resolve_call(self.f, node.func, self.class_name, self.env):
                 self.s.edges[(self.f.rel, self.function)].add(target)
@@ -1727,6 +2005,8 @@ def scan_paths(
     def cold(key: tuple[str, str]) -> bool:
         return any(_match(p, f"{key[0]}:{key[1]}") for p in not_hot)
 
+    unmatched_not_hot = [p for p in not_hot if not any(_match(p, f"{rel}:{q}") for rel, q in all_funcs)]
+
     hot: set[tuple[str, str]] = set()
     todo = [r for r in roots if not cold(r)]
     while todo:
@@ -1775,4 +2055,5 @@ def scan_paths(
         findings=findings,
         parse_errors=errors,
         unresolved_entries=unresolved,
+        unmatched_not_hot=unmatched_not_hot,
     )

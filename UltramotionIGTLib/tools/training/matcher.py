@@ -108,7 +108,7 @@ class HungarianMatcher(nn.Module):
             return [(empty, empty) for _ in range(bs)]
         cost = self.cost_matrix(outputs, targets)
         if not self.use_gpu_match:
-            with allowed_host_transfer("HungarianMatcher(use_gpu_match=False) -> scipy"):
+            with allowed_host_transfer("HungarianMatcher(use_gpu_match=False) -> scipy", max_syncs=1):
                 host = cost.detach().to("cpu", torch.float64)
             out = []
             for b, block in enumerate(host.split(sizes, -1)):
