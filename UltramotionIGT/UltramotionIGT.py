@@ -175,7 +175,8 @@ class UltramotionIGTParameterNode:
     scoreThreshold / maxTargets - which detections are segmented (per class).
     mode - live (newest frame, drops counted; the models run on a worker thread), replay (every
       frame of a sequence) or remote (label maps from ``ultramotion-igt serve``, no torch here).
-    gatewayHost / gatewayPort - where the gateway serves label maps (remote mode).
+    gatewayHost / gatewayPort - where the gateway serves label maps (remote mode; an empty host: use
+      an OpenIGTLink connector set up in the OpenIGTLinkIF module).
     dropPolicy / everyNth - how live mode keeps up with a fast producer.
     showTargetPoints - also write each target's weighted centroid to a markups node.
     showCornerAnnotation - a one-line KPI summary in the slice view.
@@ -784,7 +785,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
             controller.start_remote(
                 slicer.mrmlScene,
                 node.outputSegmentation,
-                host=node.gatewayHost,
+                host=node.gatewayHost.strip() or None,  # empty: a connector of the user's
                 port=int(node.gatewayPort),
                 status_callback=self._onStatus,
             )

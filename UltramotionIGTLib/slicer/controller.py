@@ -216,18 +216,20 @@ class SessionController:
     ) -> Session:
         """Stop any running session and show what an ``ultramotion-igt serve`` gateway sends.
 
-        With ``host``/``port`` a SlicerOpenIGTLink connector (client) is created or reused and
+        With ``host`` (and ``port``) a SlicerOpenIGTLink connector (client) is created or reused and
         started (`gateway_client.connect_to_gateway`; raises `MissingExtensionError` without that
-        extension); without them the label map volume is awaited from whatever feeds the scene.
+        extension); without a host the label map volume is awaited from whatever feeds the scene (a
+        connector the user set up in the OpenIGTLinkIF module).
         ``output_node``: as for `start` (created when None). ``label_volume_node``: the received
         label map volume, if known (else the first volume carrying the gateway's metadata).
         Imports no torch.
         """
+        from UltramotionIGTLib.services import protocol
         from UltramotionIGTLib.slicer.gateway_client import RemoteSession, connect_to_gateway
 
         self.stop(None)
-        if host is not None and port is not None:
-            connect_to_gateway(scene, host, int(port))
+        if host:
+            connect_to_gateway(scene, host, int(port or protocol.DEFAULT_LISTEN_PORT))
         if output_node is None:
             output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Remote segmentation")
             output_node.CreateDefaultDisplayNodes()

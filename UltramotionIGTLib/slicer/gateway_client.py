@@ -266,8 +266,8 @@ class RemoteSession:
         (nothing is computed here). Returns True when a label map was written; never raises."""
         if not self.running:
             return False
-        self._read_kpi()
         if self._pending is None:
+            self._read_kpi()
             return False
         arrival, pose = self._pending
         self._pending = None
