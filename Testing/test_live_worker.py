@@ -129,21 +129,19 @@ def test_the_worker_runs_the_pipeline_newest_frame_wins_mrml_only_on_the_main_th
     assert session.step() is False  # frame 0's copy goes to the worker; nothing finished yet
     segmenter.wait_started(0)  # the worker holds frame 0 at the gate
     assert session.frames_in_flight == 1 and accounted(session)
-    for i in (1, 2):  # frame 1 is replaced while pending (dropped), frame 2 goes to the mailbox
+    for i in (1, 2, 3, 4):  # the worker is busy: each frame replaces the pending one (dropped)
         mrml.write_frame_to_volume(volume, stream_frame(i, shape))
-    assert session.step() is False
-    for i in (3, 4):  # frame 3 dropped while pending; frame 4 replaces frame 2 in the mailbox
-        mrml.write_frame_to_volume(volume, stream_frame(i, shape))
-    assert session.step() is False
+        assert session.step() is False  # nothing copied while the worker is busy
     assert (session.frames_received, session.frames_dropped, session.frames_in_flight) == (5, 3, 2)
-    assert accounted(session)
+    assert accounted(session) and session.has_pending
 
     segmenter.allow()
-    segmenter.wait_started(4)  # frame 0 is done, the worker took frame 4 up and waits
-    assert session.step(wait=WAIT) is True  # frame 0's result, written by this thread
+    assert session.step(wait=WAIT) is True  # frame 0's result, written by this thread ...
     assert session.last_result.frame_index == 0
+    assert not session.has_pending  # ... and frame 4, the newest, copied for the now free worker
+    segmenter.wait_started(4)
     segmenter.allow()
-    assert session.drain(WAIT) == 1  # then frame 4's
+    assert session.drain(WAIT) == 1  # then frame 4's result
     assert session.last_result.frame_index == 4 and session.frames_in_flight == 0
     # the worker processed frames 0 and 4 with their own pixels (frame 0 from its copy: the node
     # held frame 4 by then), on a thread of its own
@@ -171,7 +169,7 @@ def test_stop_with_a_frame_in_flight_waits_for_it_and_counts_it_dropped(context)
     session.step()
     segmenter.wait_started(0)
     mrml.write_frame_to_volume(volume, stream_frame(1))
-    session.step()  # frame 1 waits in the mailbox
+    session.step()  # frame 1 stays pending: the worker is busy
     worker = session._worker._thread
     segmenter.open()
     session.stop("stopped by the test")  # joins the worker: frame 0 finishes, is never written
@@ -378,7 +376,7 @@ def test_a_browsed_recording_gives_each_frame_its_own_item_pose(context, plus_di
         segmenter.wait_started(arrival)
         browser.SetSelectedItemNumber(item - 1)  # the browser moves on before the result is written
         assert transform_to_world(proxy) is not None
-        segmenter.allow()  # the step back's frame goes to the worker in this step, and waits there
+        segmenter.allow()  # the item's result is written; the step back's frame goes to the worker
         assert session.step(wait=WAIT) and session.last_result.frame_index == arrival
         expected = threshold_targets(recording.frames[item], 0, None)
         pose = np.asarray(recording.transforms[name][item], dtype=float)

@@ -10,12 +10,15 @@ its arrival time, acquisition time and pose (`pose.transform_to_world`); a newer
 pending one and the replaced one is counted as dropped, so memory stays flat however fast the
 producer is. ``step()`` then, on the main thread:
 
-- threaded (the module's live mode): copies the pending frame out of the volume node into a reused
-  buffer and hands it to the session's one worker thread (`FrameWorker`) through a one-slot
-  mailbox (newest wins, a replaced frame is counted as dropped); and writes the newest finished
-  result, if any, into the output segmentation, with rendering paused (``render_pause``) and the
-  output placed with its frame's arrival pose. Only the copy and the write run on the main thread
-  (``ultramotion-igt bench slicer`` measures them), the pipeline runs on the worker;
+- threaded (the module's live mode): writes the finished result, if any, into the output
+  segmentation, with rendering paused (``render_pause``) and the output placed with its frame's
+  arrival pose; and, when the session's one worker thread (`FrameWorker`) is free, copies the
+  pending frame out of the volume node into a reused buffer and hands it over through a one-slot
+  mailbox. So one frame is in flight at a time, a frame is copied only to be processed, and it is
+  the newest when the worker can take it; frames that arrive meanwhile replace the pending one
+  (dropped, counted). Only the copy and the write run on the main thread (``ultramotion-igt bench
+  slicer`` measures them); the pipeline runs on the worker, at a lower scheduling priority
+  (`WORKER_NICE`) so that the GUI thread gets the CPU first;
 - synchronous (``threaded=False``, and ``process_once``): runs the pipeline on the frame in place
   and writes the result, in the same call.
 
@@ -33,6 +36,8 @@ import contextlib
 import enum
 import logging
 import math
+import os
+import sys
 import threading
 import time
 import weakref
@@ -70,6 +75,11 @@ SAME_CLOCK_TOLERANCE_S = 5.0
 
 #: How long stopping a threaded session waits for the frame in flight to finish (seconds).
 WORKER_JOIN_TIMEOUT_S = 60.0
+
+#: Scheduling niceness of the worker thread (Linux, where niceness is per thread; the pipeline's CPU
+#: threads, created by the worker, inherit it): the GUI thread wins the CPU whenever it has work (a
+#: frame copy, a result write, rendering), the pipeline takes the rest. 0 leaves it unchanged.
+WORKER_NICE = 5
 
 
 class SessionState(str, enum.Enum):
@@ -262,6 +272,11 @@ class FrameWorker:
             self._dropped += 1
 
     def _loop(self) -> None:
+        if WORKER_NICE and sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+            except OSError as exc:  # not allowed here: the pipeline shares the CPU evenly, as before
+                LOG.debug("worker priority unchanged: %s", exc)
         while not self._stopping.is_set():
             job = self._inbox.take(timeout=0.1)
             if job is None:
@@ -341,13 +356,14 @@ class LiveSession:
         kpi_sink: a `UltramotionIGTLib.core.kpi.KpiSink`; receives one ``"frame"`` record per processed
             frame and a ``"live_stop"`` summary.
         markups_node: optional vtkMRMLMarkupsFiducialNode for the targets' weighted centroids.
-        threaded: run ``process_frame`` on a worker thread (`FrameWorker`); ``step`` then only copies
-            the frame and writes results. False: ``step`` runs the pipeline itself.
+        threaded: run ``process_frame`` on a worker thread (`FrameWorker`), one frame at a time;
+            ``step`` then only copies the frame and writes results. False: ``step`` runs the
+            pipeline itself.
         render_pause: see `RenderPause` (default: no pause).
 
     Counters: ``frames_received`` (arrivals), ``frames_processed`` (results written),
-    ``frames_dropped`` (received, never written: replaced while pending or in the worker's mailbox,
-    skipped by the policy, in flight at stop, or failed); ``frames_skipped`` is the policy's share of
+    ``frames_dropped`` (received, never written: replaced while pending, skipped by the policy, in
+    flight at stop, or failed); ``frames_skipped`` is the policy's share of
     the drops. Always ``frames_received == frames_processed + frames_dropped + frames_in_flight``.
 
     KPIs: one `FrameRecord` per processed frame goes to ``kpi`` (a `KpiAggregator` over the last 300
@@ -560,24 +576,36 @@ class LiveSession:
     def step(self, wait: float | None = None) -> bool:
         """`Session` protocol: the frame work of one timer tick (see the module docstring).
 
-        Threaded: hand the newest pending frame to the worker, then write the newest finished
-        result, waiting up to ``wait`` seconds for one when a frame is in flight. Synchronous:
-        `process_pending`. Returns True when a result was written. Never raises: a failure stops
-        the session with a status message (``state`` becomes ``"error"``) and returns False.
+        Threaded: write the finished result, if any; then, when the worker is free, copy the newest
+        pending frame and hand it over (one frame in flight: a frame is copied only to be processed,
+        and it is the newest one when the worker can start); with ``wait`` (seconds) and nothing
+        written yet, wait for the frame in flight, write it and hand the next one over. Synchronous: `process_pending`.
+        Returns True when a result was written. Never raises: a failure stops the session with a
+        status message (``state`` becomes ``"error"``) and returns False.
         """
         if not self.threaded:
             return self.process_pending()
         if self.state != SessionState.RUNNING:
             return False
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            job = self._take_frame(pending, copy=True)
-            if job is None:
-                return False
-            self._worker.submit(job)
+        written = self._write_finished(None)
+        self._hand_over()
+        if wait and not written and self.running:
+            written = self._write_finished(wait)
+            self._hand_over()
+        return written
+
+    def _write_finished(self, wait: float | None) -> bool:
         job = self._worker.take_done(wait)
         self.frames_dropped += self._worker.collect_dropped()
         return self._write(job) if job is not None else False
+
+    def _hand_over(self) -> None:
+        """The newest pending frame, copied, to the worker when it is free."""
+        if self.running and self._pending is not None and self._worker.in_flight == 0:
+            pending, self._pending = self._pending, None
+            job = self._take_frame(pending, copy=True)
+            if job is not None:
+                self._worker.submit(job)
 
     def drain(self, timeout: float) -> int:
         """Threaded: write results until no frame is pending or in flight, or ``timeout`` s have
