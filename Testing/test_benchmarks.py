@@ -83,7 +83,9 @@ def test_bench_slicer_reports_main_thread_time_next_to_the_pipeline(capsys):
     assert threaded["main_thread_ms"]["p50"] == pytest.approx(
         threaded["copy_ms"]["p50"] + threaded["write_ms"]["p50"], rel=0.5
     )
-    assert synchronous["main_thread_ms"]["p50"] >= synchronous["pipeline_ms"]["p50"]
+    assert threaded["blocked_ms"] == threaded["main_thread_ms"] and threaded["main_thread_cpu_ms"]["p50"] > 0
+    assert threaded["mrml_ms"]["p50"] <= threaded["write_ms"]["max"]
+    assert synchronous["blocked_ms"]["p50"] >= synchronous["pipeline_ms"]["p50"]
     assert report["sync_over_threaded_main_thread"] > 0 and isinstance(report["target_met"], bool)
     assert cli.main(["bench", "slicer", "--random-models", "--frames", "1", "--rate", "0"]) == 2
     assert "--rate must be > 0" in capsys.readouterr().err
