@@ -198,13 +198,14 @@ def copy_frame(volume_node: Any, pool: FramePool) -> np.ndarray:
 
 
 class FrameWorker:
-    """One daemon thread that runs ``process`` on the frames handed to it, newest first.
+    """One daemon thread that runs ``process`` on the frames handed to it; nothing ever queues.
 
-    ``submit(job)`` (main thread) puts a job in the one-slot inbox; a job still waiting there is
-    replaced and counted in ``collect_dropped``. The thread runs ``process(job)`` (which fills
-    ``job.result`` or ``job.error``) and puts the job in the one-slot outbox, where an unwritten
-    older one is likewise replaced. ``take_done(timeout)`` (main thread) returns the finished job.
-    ``in_flight``: jobs submitted and neither taken back nor dropped.
+    ``submit(job)`` (main thread) puts a job in the one-slot inbox; a job still waiting there would
+    be replaced and counted in ``collect_dropped`` (the live session submits only when nothing is in
+    flight, so that a frame is copied only to be processed). The thread runs ``process(job)`` (which
+    fills ``job.result`` or ``job.error``), gives the frame buffer back to the pool and puts the job
+    in the one-slot outbox (an unwritten older one likewise replaced). ``take_done(timeout)`` (main
+    thread) returns the finished job. ``in_flight``: jobs submitted and neither taken back nor dropped.
     """
 
     def __init__(self, process: Callable[[_Job], None], pool: FramePool, name: str = "UltramotionIGT worker"):
@@ -265,8 +266,9 @@ class FrameWorker:
         return left
 
     def _discard(self, job: _Job) -> None:
-        if job.pooled:
+        if job.pooled and job.frame is not None:
             self._pool.release(job.frame)
+            job.frame = None
         with self._lock:
             self._in_flight -= 1
             self._dropped += 1
@@ -282,7 +284,7 @@ class FrameWorker:
             if job is None:
                 continue
             self._process(job)  # never raises: errors are kept in the job
-            if job.pooled:
+            if job.pooled and job.frame is not None:
                 self._pool.release(job.frame)
                 job.frame = None
             replaced = self._outbox.put(job)
