@@ -22,7 +22,8 @@ names that importing the layer and the module, or the code under test, touch are
   only the .ui's widgets, does.
 - The classes of the widgets in the module's .ui file carry the state and signals that Slicer's GUI
   connectors use (``value``/``valueChanged``, ``currentIndex``/``currentIndexChanged``, ``checked``/
-  ``stateChanged``, ``currentPath``/``currentPathChanged``, ``currentNode()``/``currentNodeChanged``,
+  ``stateChanged``, ``text``/``textChanged``, ``currentPath``/``currentPathChanged``,
+  ``currentNode()``/``currentNodeChanged``,
   ``nodeTypes``, ``enabled``, ``text``, ``property(name)`` for dynamic properties, ``children()``
   and ``name`` for ``slicer.util.childWidgetVariables``). Setters emit their signal when the value
   changes, as Qt's do; slots are called without arguments, as PythonQt allows.
@@ -33,7 +34,8 @@ names that importing the layer and the module, or the code under test, touch are
   wrapper mentions): widget classes, as above.
 - ``slicer.app``: ``translate`` (``slicer.i18n``; returns the text: no translations loaded),
   ``testingEnabled()`` (True, as in Slicer's ctest runs: message boxes are not shown),
-  ``processEvents()`` (``delayDisplay`` with a short delay), ``temporaryPath``, ``majorVersion``/
+  ``processEvents()`` (``delayDisplay`` with a short delay), ``pauseRender()``/``resumeRender()``
+  (``slicer.util.RenderBlocker``, around each result's write; counted), ``temporaryPath``, ``majorVersion``/
   ``minorVersion`` (the layer's version, 5.10), ``applicationName``.
 - ``slicer.mrmlScene``: a real ``vtkMRMLScene`` of slicer-core with the module logics registered as
   Slicer's application does (`UltramotionIGTLib.slicer.mrml.create_standalone_context`).
@@ -196,6 +198,15 @@ class QComboBox(Widget):
         self.currentIndex = -1
 
 
+class QLineEdit(Widget):
+    text = _value_property("text", "textChanged")
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._text = ""
+        self.textChanged = Signal()
+        super().__init__(*args, **kwargs)
+
+
 class ctkPathLineEdit(Widget):  # noqa: N801 - CTK's class name
     currentPath = _value_property("currentPath", "currentPathChanged")
 
@@ -231,7 +242,15 @@ class QIcon:
 #: The widget classes of the module's .ui that the GUI connectors or the widget code use.
 WIDGET_CLASSES = {
     cls.__name__: cls
-    for cls in (QCheckBox, QSpinBox, ctkSliderWidget, QComboBox, ctkPathLineEdit, qMRMLNodeComboBox)
+    for cls in (
+        QCheckBox,
+        QSpinBox,
+        ctkSliderWidget,
+        QComboBox,
+        QLineEdit,
+        ctkPathLineEdit,
+        qMRMLNodeComboBox,
+    )
 }
 
 
@@ -301,6 +320,8 @@ class App:
     def __init__(self, temporary_path: str) -> None:
         self.temporaryPath = temporary_path
         self.events_processed = 0
+        self.render_paused = 0  # pauseRender() calls not yet resumed
+        self.render_pauses = 0  # pauseRender() calls in all
 
     @staticmethod
     def translate(context: str, text: str) -> str:
@@ -312,6 +333,13 @@ class App:
 
     def processEvents(self) -> None:
         self.events_processed += 1
+
+    def pauseRender(self) -> None:
+        self.render_paused += 1
+        self.render_pauses += 1
+
+    def resumeRender(self) -> None:
+        self.render_paused -= 1
 
 
 class SlicerLayer:

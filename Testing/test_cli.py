@@ -67,6 +67,7 @@ def test_the_tree_has_the_commands_of_the_reference():
         "bench matcher",
         "bench mrml",
         "bench gateway",
+        "bench slicer",
         "serve",
         "audit",
         "doctor",

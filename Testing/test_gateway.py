@@ -20,13 +20,9 @@ import pytest
 pyigtl = pytest.importorskip("pyigtl")
 
 from UltramotionIGTLib.core.kpi import FrameRecord  # noqa: E402
+from UltramotionIGTLib.core.mailbox import LatestFrameMailbox  # noqa: E402
 from UltramotionIGTLib.services import protocol  # noqa: E402
-from UltramotionIGTLib.services.gateway import (  # noqa: E402
-    Gateway,
-    GatewayConfig,
-    LatestFrameMailbox,
-    frame_from_image_message,
-)
+from UltramotionIGTLib.services.gateway import Gateway, GatewayConfig, frame_from_image_message  # noqa: E402
 from UltramotionIGTLib.services.igtl import IgtlServer, MessageReader  # noqa: E402
 from UltramotionIGTLib.services.plus_simulator import PlusSimulator  # noqa: E402
 
@@ -334,6 +330,8 @@ def test_record_holds_run_outputs_matching_what_was_sent(served, recording):
 @pytest.mark.plus
 def test_slicer_side_turns_received_label_maps_into_segments(served):
     slicer = pytest.importorskip("slicer", reason="slicer-core provides MRML")
+    import vtk
+
     from UltramotionIGTLib.slicer import mrml
     from UltramotionIGTLib.slicer.gateway_client import GatewaySegmentationUpdater, host_result_from_message
 
@@ -344,7 +342,12 @@ def test_slicer_side_turns_received_label_maps_into_segments(served):
         pose = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Image_Segmentation")
         updater = GatewaySegmentationUpdater(segmentation)
         volume = None
+        transforms = {round(m.timestamp, 6): m for m in served["client"].of("TRANSFORM")}
         for msg in served["client"].of("IMAGE")[-3:]:
+            # the echoed pose TRANSFORM comes first, into the transform node of the same device name
+            pose.SetMatrixTransformToParent(
+                slicer.util.vtkMatrixFromArray(transforms[round(msg.timestamp, 6)].matrix)
+            )
             # what SlicerOpenIGTLink does with an IMAGE: voxels + IJK-to-RAS into a volume node,
             # each metadata entry K into the attribute "OpenIGTLink.K"
             geometry = mrml.FrameGeometry.from_matrix(msg.ijk_to_world_matrix, msg.image.shape[1:])
@@ -368,7 +371,15 @@ def test_slicer_side_turns_received_label_maps_into_segments(served):
                     msg.image.shape
                 )
                 np.testing.assert_array_equal(voxels[0] > 0, expected.masks[row])
-        assert segmentation.GetTransformNodeID() == pose.GetID()
+        # placed with the frame's pose: under the session's pose node holding the echoed transform
+        placed = segmentation.GetParentTransformNode()
+        assert placed is not None and placed is not pose
+        placed_matrix, pose_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        placed.GetMatrixTransformToWorld(placed_matrix)
+        pose.GetMatrixTransformToWorld(pose_matrix)
+        assert [placed_matrix.GetElement(r, c) for r in range(4) for c in range(4)] == [
+            pose_matrix.GetElement(r, c) for r in range(4) for c in range(4)
+        ]
     finally:
         ctx.close()
     assert slicer is not None

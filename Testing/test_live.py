@@ -16,6 +16,7 @@ ndimage = pytest.importorskip("scipy.ndimage")
 from UltramotionIGTLib.core.kpi import MemoryKpiSink  # noqa: E402
 from UltramotionIGTLib.core.packet import HostResult  # noqa: E402
 from UltramotionIGTLib.slicer import mrml  # noqa: E402
+from UltramotionIGTLib.slicer.pose import POSE_REFERENCE_ROLE  # noqa: E402
 from UltramotionIGTLib.slicer.sessions import LiveSession, ReplaySession, SessionState, replay_sequence  # noqa: E402
 
 
@@ -352,7 +353,7 @@ def test_latency_from_acquisition_time_when_the_sender_provides_one(stream):
     assert sink.records[-1]["event"] == "live_stop"
 
 
-def test_output_follows_the_input_transform_and_markups(context, stream):
+def test_outputs_are_placed_with_the_frame_pose_and_markups(context, stream):
     volume, segmentation = stream
     transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ImageToReference")
     volume.SetAndObserveTransformNodeID(transform.GetID())
@@ -360,7 +361,10 @@ def test_output_follows_the_input_transform_and_markups(context, stream):
     session = LiveSession(volume, segmentation, Recorder(), markups_node=markups)
     session.start()
     assert session.process_pending()
-    assert segmentation.GetTransformNodeID() == transform.GetID() == markups.GetTransformNodeID()
+    # both outputs under the session's pose node, which holds the input's transform at arrival
+    pose = segmentation.GetNodeReference(POSE_REFERENCE_ROLE)
+    assert pose is not None and pose is not transform
+    assert segmentation.GetTransformNodeID() == pose.GetID() == markups.GetTransformNodeID()
     assert markups.GetNumberOfControlPoints() == 1
     expected = mrml.geometry_from_volume(volume).pixel_to_ras(session.last_result.centroids)[0]
     np.testing.assert_allclose(markups.GetNthControlPointPosition(0), expected, atol=1e-6)

@@ -211,10 +211,10 @@ def test_parameter_node_is_typed(tree):
             assert annotation.startswith("Optional[") or "None" in annotation, f"{name}: {annotation}"
 
 
-def test_logic_never_opens_dialogs_or_holds_the_widget(tree):
-    logic = classes(tree)["UltramotionIGTLogic"]
+@pytest.mark.parametrize("name", ["UltramotionIGTLogic", "DependencyInstaller"])
+def test_logic_never_opens_dialogs_or_holds_the_widget(tree, name):
     problems = []
-    for node in ast.walk(logic):
+    for node in ast.walk(classes(tree)[name]):
         if isinstance(node, ast.Attribute) and node.attr in DIALOGS:
             problems.append(f"line {node.lineno}: {node.attr}")
         if (
@@ -225,11 +225,26 @@ def test_logic_never_opens_dialogs_or_holds_the_widget(tree):
             problems.append(f"line {node.lineno}: self.{node.attr}")
         if isinstance(node, ast.Name) and node.id == "qt":
             problems.append(f"line {node.lineno}: qt")
-    assert not problems, "the logic must stay GUI-free: " + ", ".join(problems)
+    assert not problems, f"{name} must stay GUI-free: " + ", ".join(problems)
+
+
+def test_the_logic_only_maps_the_parameter_node(tree):
+    """The logic stays thin (under 150 lines): installing dependencies is `DependencyInstaller`'s job,
+    everything that decides anything is the library's `SessionController`."""
+    logic = classes(tree)["UltramotionIGTLogic"]
+    assert logic.end_lineno - logic.lineno + 1 < 150
+    methods = {f.name for f in logic.body if isinstance(f, ast.FunctionDef)}
+    assert not methods & {
+        "install",
+        "installDependencies",
+        "unsatisfiedRequirements",
+        "installPyTorchExtension",
+    }
+    assert "SessionController" in ast.unparse(logic)
 
 
 def test_installs_go_through_the_pytorch_extension_and_slicer_packaging(source, tree):
-    logic_src = ast.unparse(classes(tree)["UltramotionIGTLogic"])
+    logic_src = ast.unparse(classes(tree)["DependencyInstaller"])
     assert "PyTorchUtils.PyTorchUtilsLogic()" in logic_src
     assert "installTorch(askConfirmation=False" in logic_src
     assert "pip_ensure(" in logic_src and "pip_install(" in logic_src

@@ -3,7 +3,8 @@ UltramotionIGT/UltramotionIGT.py), run in pytest against slicer-core (real MRML,
 
 The module's logic maps its parameter node to the library's `SessionController` and copies state and
 indicator texts back; this test drives that same controller step by step, with the same synthetic
-stream, geometry, producer pattern and checks as the self-test. Testing/test_slicer_module.py runs
+stream, geometry, producer pattern and checks as the self-test. The live session runs the pipeline
+on its worker thread: each step waits for it (``step(wait=...)``), so the checks are deterministic. Testing/test_slicer_module.py runs
 the self-test itself, with the real logic, on Slicer's Python layer (../shared/slicer-python).
 """
 
@@ -19,6 +20,9 @@ from UltramotionIGTLib.slicer import mrml  # noqa: E402
 from UltramotionIGTLib.slicer.indicators import PathState, status_light  # noqa: E402
 from UltramotionIGTLib.tools import doctor  # noqa: E402
 from UltramotionIGTLib.tools.phantom import VESSEL_LABEL, PhantomStream  # noqa: E402
+
+#: Seconds a step may wait for the live session's worker to finish a frame (CPU pipeline).
+WAIT = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,7 @@ def test_module_self_test_scenario_on_slicer_core(context, models):
     assert controller.running and controller.state == SessionState.RUNNING
     segmentation_node = controller.output_node
     assert segmentation_node.GetName() == "US image segmentation" and segmentation_node.GetScene() is scene
-    assert controller.step()  # the frame already in the input is processed first
+    assert controller.step(wait=WAIT)  # the frame already in the input is processed first
     assert controller.last_result.frame_index == 0
 
     # a producer faster than inference: two new frames per timer tick, the newest is processed
@@ -109,8 +113,8 @@ def test_module_self_test_scenario_on_slicer_core(context, models):
         newest = 2 * step + 2
         for k in (newest - 1, newest):
             mrml.write_frame_to_volume(volume, stream.frame(k).image)
-        assert controller.step() is True
-        assert controller.step() is False  # nothing left: no queue
+        assert controller.step(wait=WAIT) is True  # its copy goes to the worker; the result is written
+        assert controller.step(wait=WAIT) is False  # nothing left: no queue
         result = controller.last_result
         results.append(result)
         assert result.frame_index == newest
@@ -145,7 +149,7 @@ def test_module_self_test_scenario_on_slicer_core(context, models):
     assert session.done and "stopped" in session.status_message
 
     # deleting the input mid-stream stops processing with a status; no exception escapes
-    assert controller.step()
+    assert controller.step(wait=WAIT)
     mrml.write_frame_to_volume(volume, stream.frame(7).image)
     scene.RemoveNode(volume)
     assert controller.step() is False

@@ -103,6 +103,8 @@ def values_to_write(module, scene) -> dict[str, list]:
         "scoreThreshold": [0.0, 1.0, 0.55],
         "maxTargets": [1, 16, 7],
         "everyNth": [1, 100, 5],
+        "gatewayHost": ["gpu-box.example.org", "127.0.0.1"],
+        "gatewayPort": [1, 65535, 18946],
         "statusMessage": ["Processing frame 12", ""],
     }
     for name, info in node_class.allParameters.items():
@@ -311,7 +313,7 @@ def test_an_older_slicer_is_told_the_minimum_version(module, layer):
         module.UltramotionIGT(parent)
         assert parent.helpText.startswith(f"<p><b>{problem}</b></p>")
         with pytest.raises(RuntimeError, match="5.10"):
-            module.UltramotionIGTLogic().checkDependencies()
+            module.DependencyInstaller().check()
     finally:
         layer.app.minorVersion = 10
     assert module.slicerVersionProblem() == ""

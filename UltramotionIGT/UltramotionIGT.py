@@ -80,7 +80,9 @@ needles on live ultrasound, GPU-resident from frame to mask.
 <li><b>Input volume</b>: the live image (OpenIGTLink, or a sequence browser's proxy volume).</li>
 <li><b>Start</b> processes frames as they arrive; frames that arrive while one is being processed
 are dropped and counted (newest frame first), so the display never lags behind a queue.
-<b>Replay</b> mode processes every frame of a sequence into a segmentation sequence.</li>
+<b>Replay</b> mode processes every frame of a sequence into a segmentation sequence.
+<b>Remote gateway</b> mode shows the segmentation that <code>ultramotion-igt serve</code> computes on
+another machine (received over OpenIGTLink: needs the SlicerOpenIGTLink extension, not PyTorch).</li>
 <li><b>Apply once</b> processes the current frame.</li>
 <li>The output segmentation gets one segment per tracked target (vessel-1, needle-100, ...).</li>
 <li>The <b>Status</b> panel shows device, frame rate, latency per stage, dropped frames, host syncs
@@ -137,9 +139,14 @@ class SamType(enum.Enum):
 class Mode(enum.Enum):
     LIVE = "live"
     REPLAY = "replay"
+    REMOTE = "remote"
 
     def label(self):
-        return _("Live (newest frame)") if self is Mode.LIVE else _("Replay (every frame of a sequence)")
+        return {
+            "live": _("Live (newest frame)"),
+            "replay": _("Replay (every frame of a sequence)"),
+            "remote": _("Remote gateway (OpenIGTLink, no PyTorch here)"),
+        }[self.value]
 
 
 class DropPolicy(enum.Enum):
@@ -166,7 +173,10 @@ class UltramotionIGTParameterNode:
     detectorFolder / samCheckpoint / samType - the models (default: the shipped demo models).
     device - where the pipeline runs.
     scoreThreshold / maxTargets - which detections are segmented (per class).
-    mode - live (newest frame, drops counted) or replay (every frame of a sequence).
+    mode - live (newest frame, drops counted; the models run on a worker thread), replay (every
+      frame of a sequence) or remote (label maps from ``ultramotion-igt serve``, no torch here).
+    gatewayHost / gatewayPort - where the gateway serves label maps (remote mode; an empty host: use
+      an OpenIGTLink connector set up in the OpenIGTLinkIF module).
     dropPolicy / everyNth - how live mode keeps up with a fast producer.
     showTargetPoints - also write each target's weighted centroid to a markups node.
     showCornerAnnotation - a one-line KPI summary in the slice view.
@@ -195,6 +205,8 @@ class UltramotionIGTParameterNode:
     everyNth: Annotated[int, WithinRange(1, 100)] = 2
     showTargetPoints: bool = False
     showCornerAnnotation: bool = True
+    gatewayHost: str = "localhost"
+    gatewayPort: Annotated[int, WithinRange(1, 65535)] = 18945
     runState: RunState = RunState.IDLE
     statusMessage: str = ""
 
@@ -339,17 +351,20 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         node = self._parameterNode
         running = bool(node and node.runState == RunState.RUNNING)
+        remote = bool(node and node.mode == Mode.REMOTE)  # receives its input from the gateway
         hasInput = bool(node and node.inputVolume)
-        self.ui.startStopButton.enabled = hasInput or running
+        self.ui.startStopButton.enabled = hasInput or remote or running
         self.ui.startStopButton.text = _("Stop") if running else _("Start")
         self.ui.startStopButton.toolTip = (
             _("Stop processing")
             if running
+            else _("Connect to the gateway and show its segmentation")
+            if remote
             else _("Start processing frames as they arrive")
             if hasInput
             else _("Select an input volume first")
         )
-        self.ui.applyButton.enabled = hasInput and not running
+        self.ui.applyButton.enabled = hasInput and not running and not remote
         # A setting read only when processing starts cannot change a running session: its control
         # is disabled while running rather than editable and ignored. The widgets are found by the
         # parameter they are bound to (the .ui's SlicerParameterName), so a new one is covered.
@@ -362,12 +377,12 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self) -> bool:
         """True when the libraries can be used now. Asks before installing anything."""
         try:
-            self.logic.checkDependencies()
+            self.logic.dependencies.check()
             return True
         except InstallError as error:
             if not error.needsPyTorch:
                 torchNote = ""
-            elif self.logic.hasPyTorchExtension():
+            elif self.logic.dependencies.hasPyTorchExtension():
                 torchNote = _("PyTorch (torch, torchvision) is installed through the PyTorch extension.\n\n")
             else:
                 torchNote = _(
@@ -386,7 +401,7 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         failure = None
         slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            self.logic.installDependencies()
+            self.logic.dependencies.install()
         except Exception as error:
             failure, details = error, traceback.format_exc()
         finally:
@@ -413,7 +428,7 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.stop(_("Stopped by the user"))
             self._updateIndicators(force=True)
             return
-        if not self._ensureDependencies():
+        if node.mode != Mode.REMOTE and not self._ensureDependencies():  # remote mode needs no torch
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start processing."), waitCursor=True):
             self.logic.start(node)
@@ -501,108 +516,55 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.outputSegmentation.GetDisplayNode().SetVisibility(True)
 
 
+def isUnsetPath(path) -> bool:
+    """An empty path parameter (``Path()`` reads back as ".")."""
+    return path is None or str(path) in ("", ".")
+
+
 #
-# Logic
+# Dependencies
 #
 
 
-class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
-    """The computation, usable from the Python console or another module without the widget.
+class DependencyInstaller:
+    """Finds the library and checks or installs the Python packages it needs.
 
-    It imports torch and the library only when a method needs them, after `checkDependencies`. It
-    never opens a dialog: missing packages raise `InstallError` (the caller decides whether to
-    install), problems with inputs raise the library's `UltramotionError` types with a message
-    that says what to do.
+    Apart from the logic (which only maps the parameter node onto the library), as Slicer extensions
+    that install their own packages keep it (e.g. SlicerMONAIAuto3DSeg's dependency handling). The
+    requirement list is the library's own (``UltramotionIGTLib.requirements``, equal to
+    pyproject.toml's dependencies); torch and torchvision come from the PyTorch extension
+    (``PyTorchUtils``), everything else from pip. It never opens a dialog: what is missing raises
+    `InstallError`, and the widget asks the user before calling `install`.
     """
-
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.controller = None  # the library's SessionController, made after the dependency check
-        self._parameterNode = None
-
-    def getParameterNode(self):
-        node = UltramotionIGTParameterNode(super().getParameterNode())
-        self.setDefaultModelPaths(node)
-        self.resetStaleRunState(node)
-        return node
-
-    def resetStaleRunState(self, parameterNode) -> None:
-        """Set ``runState`` back to IDLE when it says RUNNING but this logic runs no session on the node.
-
-        The run state is saved with the scene like every parameter: a scene saved while processing
-        ran would otherwise reload showing "Stop" for a session that does not exist.
-        """
-        if parameterNode.runState != RunState.RUNNING:
-            return
-        running = self.controller is not None and self.controller.running
-        ours = (
-            self._parameterNode is not None
-            and self._parameterNode.parameterNode is parameterNode.parameterNode
-        )
-        if not (running and ours):
-            parameterNode.runState = RunState.IDLE
-            parameterNode.statusMessage = ""
-
-    # -- where things are --------------------------------------------------------------------------
-
-    @staticmethod
-    def moduleDir() -> Path:
-        return Path(__file__).resolve().parent
 
     @staticmethod
     def libraryParentDir() -> Optional[Path]:
         """The folder that holds ``UltramotionIGTLib/``: the module's own folder once installed
         (both sit in qt-scripted-modules), its parent in a source checkout."""
-        here = UltramotionIGTLogic.moduleDir()
+        here = Path(__file__).resolve().parent
         for candidate in (here, here.parent):
             if (candidate / "UltramotionIGTLib" / "__init__.py").is_file():
                 return candidate
         return None
 
-    def demoModelPaths(self):
-        """(detector folder, SAM checkpoint file) of the shipped demo models; None where absent.
-
-        One place knows where they live, installed or in a checkout: the library's
-        ``models.default_models`` (it imports no torch, so this works before the dependency check).
-        """
-        self.ensureLibraryImportable()
-        from UltramotionIGTLib.models.packs import default_models
-
-        found = default_models()
-        return found["detector"], found["sam"]
-
-    @staticmethod
-    def _isUnset(path) -> bool:
-        return path is None or str(path) in ("", ".")
-
-    def setDefaultModelPaths(self, parameterNode) -> None:
-        """Point empty model paths at the shipped demo models (so the user sees what is used)."""
-        detector, sam = self.demoModelPaths()
-        if self._isUnset(parameterNode.detectorFolder) and detector is not None:
-            parameterNode.detectorFolder = detector
-        if self._isUnset(parameterNode.samCheckpoint) and sam is not None:
-            parameterNode.samCheckpoint = sam
-
-    def ensureLibraryImportable(self) -> None:
-        parent = self.libraryParentDir()
+    @classmethod
+    def ensureLibraryImportable(cls) -> None:
+        parent = cls.libraryParentDir()
         if parent is not None and str(parent) not in sys.path:
             sys.path.insert(0, str(parent))
 
-    # -- dependencies ------------------------------------------------------------------------------
-
     def unsatisfiedRequirements(self, requirements=None):
-        """The library's requirements not met by this Python, as `UltramotionIGTLib.requirements.Unsatisfied`.
+        """The requirements not met by this Python, as `UltramotionIGTLib.requirements.Unsatisfied`.
 
-        ``requirements``: PEP 508 strings; default: the library's own list
-        (``UltramotionIGTLib.requirements.REQUIREMENTS``, equal to pyproject.toml's dependencies), so
-        that the module never keeps a copy of its own. Installed versions are compared.
+        ``requirements``: PEP 508 strings; default: the library's own list, so that the module never
+        keeps a copy of its own. Installed versions are compared.
         """
         self.ensureLibraryImportable()
         from UltramotionIGTLib.requirements import REQUIREMENTS, unsatisfied
 
         return unsatisfied(REQUIREMENTS if requirements is None else requirements)
 
-    def checkDependencies(self) -> None:
+    def check(self) -> None:
         """Return quietly when everything is there; else raise `InstallError` saying what is missing.
 
         Raises RuntimeError (no install can help) when this Slicer is older than MINIMUM_SLICER_VERSION.
@@ -656,7 +618,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
                 needsPyTorch=True,
             )
 
-    def installDependencies(self) -> None:
+    def install(self) -> None:
         """Install what `unsatisfiedRequirements` lists, without asking (the caller asked).
 
         torch/torchvision come from the PyTorch extension (``PyTorchUtils``; the extension itself is
@@ -733,73 +695,113 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
                 restartRequired=True,
             )
 
-    # -- environment check -------------------------------------------------------------------------
+
+#
+# Logic
+#
+
+
+class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
+    """Maps the parameter node onto the library's `SessionController`; usable without the widget.
+
+    The library is imported after `DependencyInstaller.check` (remote mode needs no torch: no check).
+    No dialogs: `InstallError`, the library's `UltramotionError` or ValueError say what to do.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.dependencies = DependencyInstaller()
+        self.controller = None  # the library's SessionController, made after the dependency check
+        self._parameterNode = None
+
+    def getParameterNode(self):
+        node = UltramotionIGTParameterNode(super().getParameterNode())
+        self.setDefaultModelPaths(node)
+        self.resetStaleRunState(node)
+        return node
+
+    def resetStaleRunState(self, parameterNode) -> None:
+        """RUNNING without a session of this logic on the node (e.g. saved with the scene) -> IDLE."""
+        running = self.controller is not None and self.controller.running
+        mine = running and self._parameterNode.parameterNode is parameterNode.parameterNode
+        if parameterNode.runState == RunState.RUNNING and not mine:
+            parameterNode.runState, parameterNode.statusMessage = RunState.IDLE, ""
+
+    def demoModelPaths(self):
+        """(detector folder, SAM checkpoint) of the shipped demo models, None where absent (no torch)."""
+        DependencyInstaller.ensureLibraryImportable()
+        from UltramotionIGTLib.models.packs import default_models
+
+        return tuple(map(default_models().get, ("detector", "sam")))
+
+    def setDefaultModelPaths(self, parameterNode) -> None:
+        """Point empty model paths at the shipped demo models (so the user sees what is used)."""
+        for name, path in zip(("detectorFolder", "samCheckpoint"), self.demoModelPaths()):
+            if isUnsetPath(getattr(parameterNode, name)) and path is not None:
+                setattr(parameterNode, name, path)
 
     def checkEnvironment(self, parameterNode):
-        """Run the library's pre-flight checks (same as ``ultramotion-igt doctor``).
-
-        Returns (report text, ready). Works before torch is installed: it then says so.
-        """
-        self.ensureLibraryImportable()
+        """The library's pre-flight checks (``ultramotion-igt doctor``): (report text, ready)."""
+        DependencyInstaller.ensureLibraryImportable()
         from UltramotionIGTLib.tools import doctor
 
+        node, unset = parameterNode, isUnsetPath
         results = doctor.run_checks(
-            device=parameterNode.device.value,
-            detector_dir=None
-            if self._isUnset(parameterNode.detectorFolder)
-            else parameterNode.detectorFolder,
-            sam_checkpoint=None
-            if self._isUnset(parameterNode.samCheckpoint)
-            else parameterNode.samCheckpoint,
-            sam_type=parameterNode.samType.value,
+            device=node.device.value,
+            detector_dir=None if unset(node.detectorFolder) else node.detectorFolder,
+            sam_checkpoint=None if unset(node.samCheckpoint) else node.samCheckpoint,
+            sam_type=node.samType.value,
         )
         return doctor.format_report(results), doctor.all_ok(results)
 
-    # -- processing: the library's controller does the work ---------------------------------------
-
-    def _controller(self):
+    def _controller(self, needsPipeline=True):
+        self.dependencies.check() if needsPipeline else DependencyInstaller.ensureLibraryImportable()
         if self.controller is None:
-            self.checkDependencies()
             from UltramotionIGTLib.slicer.controller import SessionController
 
-            self.controller = SessionController()
+            # results are written with rendering paused: the views render once per frame
+            self.controller = SessionController(render_pause=slicer.util.RenderBlocker)
         return self.controller
 
-    def modelSource(self, parameterNode):
-        """The node's models (empty paths: the shipped demo models) as a `ModelSource`."""
+    def _pipelineSettings(self, node):
+        """(`ModelSource`, `PipelineConfig`) from the node (empty model paths: the demo models)."""
+        from UltramotionIGTLib.core.pipeline import PipelineConfig
         from UltramotionIGTLib.models.source import ModelSource
 
-        return ModelSource.from_paths(
-            parameterNode.detectorFolder, parameterNode.samCheckpoint, parameterNode.samType.value
-        )
-
-    def pipelineConfig(self, parameterNode):
-        from UltramotionIGTLib.core.pipeline import PipelineConfig
-
-        return PipelineConfig(
-            device=parameterNode.device.value,
-            score_threshold=float(parameterNode.scoreThreshold),
-            max_targets_per_class=int(parameterNode.maxTargets),
-        )
+        models = ModelSource.from_paths(node.detectorFolder, node.samCheckpoint, node.samType.value)
+        limits = {
+            "score_threshold": float(node.scoreThreshold),
+            "max_targets_per_class": int(node.maxTargets),
+        }
+        return models, PipelineConfig(device=node.device.value, **limits)
 
     def start(self, parameterNode) -> None:
-        """Start processing the node's input (live or replay) into its output segmentation (created
-        when none is selected). The widget's timer (or a test's loop) then calls `processPending`."""
-        controller = self._controller()
-        self._parameterNode = parameterNode
-        parameterNode.statusMessage = _("Loading models...")
-        controller.start(
-            parameterNode.inputVolume,
-            parameterNode.outputSegmentation,
-            self.modelSource(parameterNode),
-            self.pipelineConfig(parameterNode),
-            parameterNode.mode.value,
-            drop_policy=parameterNode.dropPolicy.value,
-            every_nth=int(parameterNode.everyNth),
-            target_points=bool(parameterNode.showTargetPoints),
-            status_callback=self._onStatus,
-        )
-        parameterNode.outputSegmentation = controller.output_node
+        """Start as the node says (live, replay, remote gateway) into its output segmentation (created
+        when none is selected); the widget's timer then calls `processPending`."""
+        self._parameterNode = node = parameterNode
+        remote = node.mode == Mode.REMOTE
+        controller = self._controller(needsPipeline=not remote)
+        if remote:
+            controller.start_remote(
+                slicer.mrmlScene,
+                node.outputSegmentation,
+                host=node.gatewayHost.strip() or None,  # empty: a connector of the user's
+                port=int(node.gatewayPort),
+                status_callback=self._onStatus,
+            )
+        else:
+            node.statusMessage = _("Loading models...")
+            controller.start(
+                node.inputVolume,
+                node.outputSegmentation,
+                *self._pipelineSettings(node),
+                node.mode.value,
+                drop_policy=node.dropPolicy.value,
+                every_nth=int(node.everyNth),
+                target_points=bool(node.showTargetPoints),
+                status_callback=self._onStatus,
+            )
+        node.outputSegmentation = controller.output_node
         self._syncRunState()
 
     def _onStatus(self, message) -> None:
@@ -815,26 +817,21 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
         node.runState = {"running": RunState.RUNNING, "error": RunState.FAILED}.get(state, RunState.STOPPED)
         node.statusMessage = controller.status_message
 
-    def processPending(self) -> int:
-        """Process the pending frame (live: the newest that arrived; replay: the next). Returns 0 or 1;
-        never raises for a frame's failure (runState FAILED and statusMessage say why)."""
-        if self.controller is None:
-            return 0
-        processed = self.controller.step()
+    def processPending(self, wait=None) -> int:
+        """The timer's work (`SessionController.step`): 1 when a result was written. ``wait``: seconds
+        to wait for a frame in flight (tests). Never raises for a frame's failure."""
+        written = self.controller.step(wait) if self.controller is not None else False
         self._syncRunState()
-        return 1 if processed else 0
+        return 1 if written else 0
 
     def processOnce(self, parameterNode):
         """Process the input's current frame once; returns the `HostResult` (RuntimeError if not)."""
+        self._parameterNode = node = parameterNode
         controller = self._controller()
-        self._parameterNode = parameterNode
         result = controller.process_once(
-            parameterNode.inputVolume,
-            parameterNode.outputSegmentation,
-            self.modelSource(parameterNode),
-            self.pipelineConfig(parameterNode),
+            node.inputVolume, node.outputSegmentation, *self._pipelineSettings(node)
         )
-        parameterNode.outputSegmentation = controller.output_node
+        node.outputSegmentation = controller.output_node
         self._syncRunState()
         return result
 
@@ -908,21 +905,21 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
 
     def test_DependencyCheck(self):
         self.delayDisplay("Dependency check: installed versions are compared with the requirements")
-        logic = UltramotionIGTLogic()
+        dependencies = UltramotionIGTLogic().dependencies
         self.assertEqual(slicerVersionProblem(), "")
         from importlib.metadata import version
 
         installed = version("packaging")  # part of Slicer's Python; the check itself uses it
-        self.assertEqual(logic.unsatisfiedRequirements([f"packaging>={installed}"]), [])
-        (outdated,) = logic.unsatisfiedRequirements([f"packaging>{installed}"])
+        self.assertEqual(dependencies.unsatisfiedRequirements([f"packaging>={installed}"]), [])
+        (outdated,) = dependencies.unsatisfiedRequirements([f"packaging>{installed}"])
         self.assertEqual((outdated.name, outdated.installed), ("packaging", installed))
-        (absent,) = logic.unsatisfiedRequirements(["ultramotion-igt-no-such-package>=1"])
+        (absent,) = dependencies.unsatisfiedRequirements(["ultramotion-igt-no-such-package>=1"])
         self.assertIsNone(absent.installed)
         self.assertIn("not installed", absent.describe())
-        # The library's own list: whatever is unsatisfied is what checkDependencies reports
-        unmet = logic.unsatisfiedRequirements()
+        # The library's own list: whatever is unsatisfied is what the check reports
+        unmet = dependencies.unsatisfiedRequirements()
         try:
-            logic.checkDependencies()
+            dependencies.check()
             self.assertEqual(unmet, [])
         except InstallError as error:
             self.assertEqual(error.missing, [m.describe() for m in unmet])
@@ -943,7 +940,7 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
     def test_LiveSyntheticStream(self):
         logic = UltramotionIGTLogic()
         try:
-            logic.checkDependencies()
+            logic.dependencies.check()
         except InstallError as error:
             self.skipTest(f"dependencies missing: {error}")
         from UltramotionIGTLib.slicer import mrml
@@ -981,7 +978,8 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
             newest = 2 * step + 2
             for k in (newest - 1, newest):
                 mrml.write_frame_to_volume(volume, stream.frame(k).image)
-            self.assertEqual(logic.processPending(), 1)
+            # the newest frame's copy goes to the worker thread; wait for its result to be written
+            self.assertEqual(logic.processPending(wait=120), 1)
             self.assertEqual(logic.lastResult.frame_index, newest)
             self._checkSegments(segmentation, volume, logic.lastResult)
             if trained:

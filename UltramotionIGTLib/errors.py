@@ -27,3 +27,7 @@ class CheckpointError(UltramotionError, ValueError):
 
 class DeviceUnavailableError(UltramotionError, RuntimeError):
     """A device was asked for (e.g. CUDA) but is not available on this machine."""
+
+
+class MissingExtensionError(UltramotionError, RuntimeError):
+    """A 3D Slicer extension that the chosen mode needs is not installed (the message names it)."""

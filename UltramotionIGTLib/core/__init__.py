@@ -11,5 +11,6 @@ In the order a frame meets it (`pipeline.Pipeline.process_frame`):
 7. `packet.ResultPacket.to_host` -- the one declared device-to-host hop (`hostsync`).
 
 `kpi` times the stages (CUDA events read after that hop) and defines the per-frame KPI record;
-`device` resolves ``auto | cpu | cuda[:N]`` with clear errors.
+`device` resolves ``auto | cpu | cuda[:N]`` with clear errors; `mailbox` is the one-slot, newest-wins
+hand-over between threads (gateway, Slicer live worker).
 """

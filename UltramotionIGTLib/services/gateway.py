@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, format_kpi
+from UltramotionIGTLib.core.mailbox import LatestFrameMailbox
 from UltramotionIGTLib.errors import InputFileError, UltramotionError
 from UltramotionIGTLib.services import protocol
 from UltramotionIGTLib.services.igtl import BadMessage, IgtlClient, IgtlServer, crc_is_native, pyigtl_module
@@ -129,29 +130,6 @@ class InputFrame:
     metadata: dict[str, str]
     arrival: float
     arrival_perf: float
-
-
-class LatestFrameMailbox:
-    """A one-slot mailbox: ``put`` replaces what is there (and returns it), ``take`` waits for an item."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-
-    def put(self, item: Any) -> Any:
-        """Store ``item``; returns the item it replaced (not yet taken), or None."""
-        with self._cond:
-            replaced, self._item = self._item, item
-            self._cond.notify()
-        return replaced
-
-    def take(self, timeout: float | None = None) -> Any:
-        """The item (emptying the slot), waiting up to ``timeout`` s; None when none came."""
-        with self._cond:
-            if self._item is None:
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-        return item
 
 
 class PoseHistory:

@@ -297,8 +297,8 @@ def host_result_from_labelmap(
 def parse_kpi_string(text: str) -> dict[str, Any]:
     """The KPI record of a frame from the ``<output>_KPI`` STRING message (JSON object, event "frame").
 
-    Raises ValueError when the text is not such a record. The record feeds
-    `UltramotionIGTLib.slicer.indicators.KpiTracker` unchanged.
+    Raises ValueError when the text is not such a record. The record feeds the indicators unchanged
+    (`core.kpi.FrameRecord.from_dict` -> `KpiAggregator`: `slicer.gateway_client.RemoteSession`).
     """
     record = json.loads(text)
     if not isinstance(record, dict) or record.get("event") != "frame":

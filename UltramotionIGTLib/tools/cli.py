@@ -95,6 +95,11 @@ COMMANDS: tuple[Command, ...] = (
                 "OpenIGTLink gateway round trip vs the in-process pipeline",
                 f"{_LIB}.tools.benchmarks.gateway",
             ),
+            Command(
+                "slicer",
+                "main-thread time of the threaded live session vs the pipeline (slicer-core)",
+                f"{_LIB}.tools.benchmarks.slicer_live",
+            ),
         ),
     ),
     Command(

@@ -73,7 +73,7 @@ class UltramotionIGTWidgetTest(unittest.TestCase):
 
     def test_check_environment_button_fills_the_report(self):
         try:
-            self.widget.logic.checkDependencies()
+            self.widget.logic.dependencies.check()
         except self.module.InstallError as error:
             self.skipTest(f"dependencies missing: {error}")
         self.node.device = self.module.Device.CPU
