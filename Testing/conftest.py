@@ -168,3 +168,15 @@ def torch_settings_restored_by_session_fixtures() -> Iterator[None]:
     before = _read_settings(settings)
     yield
     _check_settings(before, settings, "a module- or session-scoped fixture")
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory) -> tuple[Path, Path]:
+    """(detector folder, SAM .safetensors): small random-weight models in the real formats, written once."""
+    from UltramotionIGTLib.core.detector import write_random_detector
+    from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
+
+    root = tmp_path_factory.mktemp("random-models")
+    det = write_random_detector(root / "detector", seed=0)
+    sam = write_random_sam_checkpoint(root / "sam" / "sam_vit_t_demo.safetensors", seed=0)
+    return Path(det), Path(sam)

@@ -114,14 +114,18 @@ class OutputFolder:
                     f"{option}: cannot create the folder ({exc.strerror or exc})"
                 ) from None
             created = True
-        resolved = out.resolve()
+        try:
+            resolved = out.resolve()
+        except (OSError, RuntimeError) as exc:
+            cls._undo(out, created)
+            raise OutputFolderError(f"{option}: cannot be used ({exc})") from None
         for item in inputs:
             if item is None:
                 continue
             source = Path(item).expanduser()
             try:
                 source = source.resolve()
-            except OSError:
+            except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13)
                 continue
             if source.parent == resolved and (source.name in OUTPUT_FILES or source.name == LOCK_NAME):
                 cls._undo(out, created)
