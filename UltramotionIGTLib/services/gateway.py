@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from UltramotionIGTLib.core.intensity import NonFiniteFrameError
 from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, format_kpi
 from UltramotionIGTLib.errors import InputFileError, UltramotionError
 from UltramotionIGTLib.services import protocol
@@ -641,6 +642,10 @@ class Gateway:
                     continue
                 try:
                     self._process(frame, audit)
+                except NonFiniteFrameError as exc:  # reported and skipped: nothing to segment
+                    with self._lock:
+                        self._stats.dropped["non_finite"] += 1
+                    self._throttle(("non_finite",), logging.WARNING, "frame %d skipped: %s", frame.index, exc)
                 except Exception as exc:  # noqa: BLE001 - one failed frame is counted, the stream goes on
                     with self._lock:
                         self._stats.dropped["pipeline_error"] += 1
