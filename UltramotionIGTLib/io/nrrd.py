@@ -1,5 +1,6 @@
-"""NRRD (``.nrrd`` / ``.nhdr``, the format of PLUS ``.igs.nrrd`` and Slicer ``.seq.nrrd`` volume sequences),
-read and written with pynrrd.
+"""NRRD (``.nrrd`` / ``.nhdr``, the format of PLUS ``.igs.nrrd`` and Slicer ``.seq.nrrd`` volume sequences):
+read with pynrrd; volume sequences written item by item (`VolumeSequenceWriter`), because pynrrd's
+writer needs the whole array in memory and a recording of unknown length cannot be held.
 
 Reading
 -------
@@ -18,11 +19,11 @@ Slicer do.
 
 Writing: the Slicer volume sequence
 -----------------------------------
-`write_volume_sequence` writes N frames (or labelmaps) as one NRRD in the layout Slicer's
-``vtkMRMLVolumeSequenceStorageNode`` writes and reads (checked with slicer-core, see
-Testing/test_io.py), through ``nrrd.write`` (index order C, so ``sizes`` is W H 1 N)::
+`VolumeSequenceWriter` (and `write_volume_sequence` over it) writes N frames (or labelmaps) as one
+NRRD in the layout Slicer's ``vtkMRMLVolumeSequenceStorageNode`` writes and reads (checked with
+slicer-core and read back with pynrrd, see Testing/test_io.py; ``sizes`` is W H 1 N)::
 
-    type: uint8 (the data's) | dimension: 4 | space: left-posterior-superior | sizes: W H 1 N
+    type: uint8 (the data's; little-endian) | dimension: 4 | space: left-posterior-superior | sizes: W H 1 N
     space directions: <i> <j> <k> none | kinds: domain domain domain list
     labels: "" "" "" "time" | units: "" "" "" "s" | space origin: <origin> | encoding: gzip | raw
     DataNodeClassName:=vtkMRMLLabelMapVolumeNode (or ScalarVolume / VectorVolume)
@@ -32,7 +33,8 @@ Testing/test_io.py), through ``nrrd.write`` (index order C, so ``sizes`` is W H 
 Colour frames get a leading ``vector`` axis (``sizes: 3 W H 1 N``, ``space directions: none ...``);
 the index fields stay on "axis 3", as Slicer writes them whatever the components. Slicer loads the
 file as a sequence whose item n has voxel (i, j) on the RAS point of voxel (i, j) of input frame n,
-the custom fields becoming attributes of the sequence node.
+the custom fields becoming attributes of the sequence node. Numeric index values closer than 1 ms
+are one item to Slicer: `sequence_index` makes them distinct and reports what it moved.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The segmentation output: N labelmaps as one Slicer labelmap volume sequence (``segmentation.seq.nrrd``).
 
 Slicer has no single-file segmentation *sequence* format (segmentation sequences are saved as .mrb
-bundles), so `write_segmentation_sequence` writes a **labelmap volume sequence** in the layout Slicer's
-``vtkMRMLVolumeSequenceStorageNode`` writes and reads (`UltramotionIGTLib.io.nrrd`, written with
-pynrrd; checked with slicer-core, see Testing/test_io.py): ``type`` uint8, ``sizes: W H 1 N``, the
+bundles), so `SegmentationSequenceWriter` (frame by frame: ``run``, ``demo``, ``serve --record``) and
+`write_segmentation_sequence` (N labelmaps in memory, over the same writer) write a **labelmap volume
+sequence** in the layout Slicer's ``vtkMRMLVolumeSequenceStorageNode`` writes and reads
+(`UltramotionIGTLib.io.nrrd`; checked with slicer-core, see Testing/test_io.py): ``type`` uint8
+(uint16 past 255 label values, uint32 past 65535), ``sizes: W H 1 N``, the
 input's geometry, ``DataNodeClassName:=vtkMRMLLabelMapVolumeNode``, the timestamps (or frame numbers)
 as ``axis 3 index values``, and per segment the fields Slicer's ``.seg.nrrd`` uses::
 

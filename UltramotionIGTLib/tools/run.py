@@ -98,7 +98,11 @@ def process_sequence(
     table = SegmentTable()
     kpi = KpiAggregator(window=None)
     stamps = iter(timestamps) if timestamps is not None else itertools.repeat(None)
-    recorder = RunRecorder(folder, source, pipeline.describe(), geometry=reference, frames=n, gif=gif)
+    try:
+        recorder = RunRecorder(folder, source, pipeline.describe(), geometry=reference, frames=n, gif=gif)
+    except BaseException:
+        folder.release(keep_empty=True)
+        raise
     state = {"processed": 0, "t_start": time.perf_counter()}
 
     def summary() -> dict[str, Any]:
