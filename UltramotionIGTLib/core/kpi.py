@@ -188,7 +188,7 @@ class FrameRecord:
                 value = {name: value[name] for name in ordered_stages(value)}
             if value is not None and f.name != "extra":
                 out[f.name] = value
-        clash = sorted(set(self.extra) & set(out))
+        clash = sorted(set(self.extra) & ({f.name for f in fields(self)} | {"event"}))
         if clash:
             raise ValueError(f"FrameRecord.extra must not repeat a field: {clash}")
         out.update(self.extra)

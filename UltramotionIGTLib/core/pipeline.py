@@ -104,7 +104,13 @@ def prepare_inference_inputs(
             raise UnsupportedImageTypeError(f"frame pixel type {frame.dtype} is not an image type")
         host = frame if frame.dtype.isnative else frame.astype(frame.dtype.newbyteorder("="))
         check_frame_shape(host.shape)
-        tensor = torch.from_numpy(np.ascontiguousarray(host))
+        upload = host
+        if host.dtype.kind == "u" and host.dtype.itemsize > 1:
+            # torch's unsigned 16/32/64-bit types have limited operator support on GPUs: upload
+            # a signed type that holds every value (uint64 as float64, whose rounding the window
+            # would do anyway)
+            upload = host.astype({2: np.int32, 4: np.int64}.get(host.dtype.itemsize, np.float64))
+        tensor = torch.from_numpy(np.ascontiguousarray(upload))
     elif isinstance(frame, torch.Tensor):
         if frame.is_meta:
             raise UnsupportedImageTypeError(
