@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml UltramotionIGTLib/requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ultramotion-igt demo --out $(OUT)/demo
+	$(BIN)/ultramotion-igt demo --out $(OUT)/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -218,3 +218,15 @@ def host_hops():
                 yield HostHops(audit)
 
     return count
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory) -> tuple[Path, Path]:
+    """(detector folder, SAM .safetensors): small random-weight models in the real formats, written once."""
+    from UltramotionIGTLib.core.detector import write_random_detector
+    from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
+
+    root = tmp_path_factory.mktemp("random-models")
+    det = write_random_detector(root / "detector", seed=0)
+    sam = write_random_sam_checkpoint(root / "sam" / "sam_vit_t_demo.safetensors", seed=0)
+    return Path(det), Path(sam)

@@ -68,6 +68,7 @@ def test_the_tree_has_the_commands_of_the_reference():
         "bench mrml",
         "bench gateway",
         "bench slicer",
+        "bench soak",
         "serve",
         "audit",
         "doctor",

@@ -236,6 +236,7 @@ def test_big_endian_and_float_metaimage(tmp_path: Path) -> None:
         ("CompressedData", "False"),
         ("DimSize", "4 3 2"),
         ("ElementType", "MET_FLOAT"),
+        ("Kinds", "domain domain list"),
         ("ElementDataFile", "LOCAL"),
     ]
     path = tmp_path / "float_be.mha"
@@ -243,11 +244,14 @@ def test_big_endian_and_float_metaimage(tmp_path: Path) -> None:
     kept = read_sequence(path, intensity="keep")
     assert kept.frames.dtype == np.float32
     np.testing.assert_allclose(kept.frames, values, rtol=1e-6)
-    as_u8 = read_sequence(path)  # default: linear [min, max] -> [0, 255]
-    assert as_u8.frames.dtype == np.uint8 and as_u8.frames.min() == 0 and as_u8.frames.max() == 255
-    expected = np.rint((values.astype(np.float32) - values.min()) * 255 / (values.max() - values.min()))
-    np.testing.assert_array_equal(as_u8.frames, expected.astype(np.uint8))
-    assert as_u8.metadata["intensity"]["rule"].startswith("linear")
+    as_u8 = read_sequence(path)  # default: the one mapping, window = the first frame's [min, max]
+    lo, hi = np.float32(values[0].min()), np.float32(values[0].max())
+    scale = np.float32(255.0 / (float(hi) - float(lo)))
+    expected = np.clip(np.rint((values.astype(np.float32) - lo) * scale), 0, 255).astype(np.uint8)
+    assert as_u8.frames.dtype == np.uint8 and as_u8.frames[0].min() == 0 and as_u8.frames[0].max() == 255
+    np.testing.assert_array_equal(as_u8.frames, expected)
+    assert as_u8.frames[1].min() == 255  # the second frame lies above the window: no per-frame rescaling
+    assert as_u8.metadata["intensity"]["rule"] == "first frame range"
 
 
 # ------------------------------------------------------------------ broken files
@@ -376,12 +380,11 @@ def test_numpy_and_torch_inputs() -> None:
     np.testing.assert_array_equal(read_sequence(unit).frames, expected)
     assert read_sequence(unit, intensity="keep").frames.dtype == np.float32
 
-    wide = (stack.astype(np.uint16) * 200).astype(np.uint16)
-    out = read_sequence(wide).frames
-    assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
-    np.testing.assert_array_equal(
-        np.argsort(out.ravel(), kind="stable"), np.argsort(wide.ravel(), kind="stable")
-    )
+    wide = (stack.astype(np.uint16) * 200).astype(np.uint16)  # up to 51000: a 16-bit stream
+    out = read_sequence(wide)
+    expected = np.rint(wide.astype(np.float32) * np.float32(255.0 / 65535.0)).astype(np.uint8)
+    np.testing.assert_array_equal(out.frames, expected)
+    assert out.metadata["intensity"] == {"rule": "bit depth", "window": [0.0, 65535.0], "dtype": "uint16"}
 
     with pytest.raises(UnsupportedImageTypeError):
         read_sequence(np.zeros((2, 3, 4, 5, 6), np.uint8))
@@ -508,8 +511,8 @@ def test_segmentation_defaults_and_validation(plus_dir: Path, tmp_path: Path) ->
     good = np.zeros((ref.n_frames, *ref.frame_shape), np.uint8)
     with pytest.raises(ValueError, match="reference frames"):
         write_segmentation_sequence(tmp_path / "x.seq.nrrd", good[:, :-1], ref)
-    with pytest.raises(ValueError, match="0..255"):
-        write_segmentation_sequence(tmp_path / "x.seq.nrrd", good.astype(np.int32) + 256, ref)
+    with pytest.raises(ValueError, match="label values must be 0"):
+        write_segmentation_sequence(tmp_path / "x.seq.nrrd", good.astype(np.int32) - 1, ref)
     with pytest.raises(ValueError, match="unique"):
         write_segmentation_sequence(tmp_path / "x.seq.nrrd", good, ref, segments=[(1, "a", (1, 0, 0))] * 2)
     with pytest.raises(ValueError, match="timestamps"):

@@ -395,9 +395,9 @@ def test_live_session_on_a_sequence_browser_proxy(context, plus_dir):
             browser.SetSelectedItemNumber(step)
         assert session.process_pending()
         expected = threshold_targets(recording.frames[item], 0, None)
-        assert segment_ids(segmentation) == expected.segment_names()
-        for row, name in enumerate(expected.segment_names()):
-            np.testing.assert_array_equal(segment_mask(segmentation, name), expected.masks[row])
+        assert segment_ids(segmentation) == [name for name, _, _ in expected.segments()]
+        for name, _, mask in expected.segments():
+            np.testing.assert_array_equal(segment_mask(segmentation, name), mask)
     assert session.frames_received == 1 + 9 - 1  # the start frame + every step that changed the item
     assert session.frames_processed == 3  # the start frame was replaced while pending
     assert session.frames_dropped == 6
@@ -440,9 +440,9 @@ def test_replay_of_a_plus_recording_gives_one_segmentation_per_frame(context, pl
         item = out.GetNthDataNode(i)
         assert item.IsA("vtkMRMLSegmentationNode")
         expected = threshold_targets(recording.frames[i], i, None)
-        assert segment_ids(item) == expected.segment_names()
-        for row, name in enumerate(expected.segment_names()):
-            np.testing.assert_array_equal(segment_mask(item, name), expected.masks[row])
+        assert segment_ids(item) == [name for name, _, _ in expected.segments()]
+        for name, _, mask in expected.segments():
+            np.testing.assert_array_equal(segment_mask(item, name), mask)
         expected_any += len(expected)
     assert expected_any > 0, "the threshold found nothing in the recording: the check would be empty"
     assert [r["frame"] for r in sink.records if r["event"] == "frame"] == list(range(21))
@@ -452,9 +452,9 @@ def test_replay_of_a_plus_recording_gives_one_segmentation_per_frame(context, pl
     assert browser.GetProxyNode(out) is segmentation
     browser.SetSelectedItemNumber(13)
     expected = threshold_targets(recording.frames[13], 13, None)
-    assert segment_ids(segmentation) == expected.segment_names()
-    for row, name in enumerate(expected.segment_names()):
-        np.testing.assert_array_equal(segment_mask(segmentation, name), expected.masks[row])
+    assert segment_ids(segmentation) == [name for name, _, _ in expected.segments()]
+    for name, _, mask in expected.segments():
+        np.testing.assert_array_equal(segment_mask(segmentation, name), mask)
 
     # a second replay refills the same output sequence
     assert replay_sequence(sequence, segmentation, threshold_targets) is out
@@ -505,10 +505,10 @@ def test_live_session_with_the_real_pipeline(tmp_path, stream):
     result = session.last_result
     assert result.frame_index == 2 and session.frames_dropped == 2
     assert len(result) > 0  # score threshold 0: the prompts are kept, whatever random weights see
-    names = mrml.unique_segment_names(result)
-    assert segment_ids(segmentation) == names
-    for row, name in enumerate(names):
-        np.testing.assert_array_equal(segment_mask(segmentation, name), result.masks[row])
+    segments = result.segments()
+    assert segment_ids(segmentation) == [name for name, _, _ in segments]
+    for name, _, mask in segments:
+        np.testing.assert_array_equal(segment_mask(segmentation, name), mask)
 
 
 def test_start_before_the_first_frame_arrives(context):

@@ -49,17 +49,18 @@ def context():
 
 
 def check_segments(segmentation_node, volume_node, result):
-    """As `UltramotionIGTTest._checkSegments`: one segment per target, its voxels are the target's
-    mask, its image-to-world matrix is the volume's IJK-to-RAS, so each mask voxel lands on the RAS
+    """As `UltramotionIGTTest._checkSegments`: one segment per tracked target (one per class for the
+    untracked detections), its voxels are the segment's mask, its image-to-world matrix is the volume's IJK-to-RAS, so each mask voxel lands on the RAS
     point of the frame voxel it labels."""
-    names = mrml.unique_segment_names(result)
+    segments = result.segments()
+    names = [name for name, _, _ in segments]
     segmentation = segmentation_node.GetSegmentation()
     assert sorted(segmentation.GetSegmentIDs()) == sorted(names)
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     expected = np.array([[ijk_to_ras.GetElement(i, j) for j in range(4)] for i in range(4)])
     h, w = result.image_size
-    for row, name in enumerate(names):
+    for name, _, mask in segments:
         labelmap = segmentation.GetSegment(name).GetRepresentation("Binary labelmap")
         image_to_world = vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(image_to_world)
@@ -67,9 +68,9 @@ def check_segments(segmentation_node, volume_node, result):
         np.testing.assert_allclose(got, expected, atol=1e-9)
         assert labelmap.GetExtent() == (0, w - 1, 0, h - 1, 0, 0)
         scalars = vtk.util.numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
-        np.testing.assert_array_equal(scalars.reshape(h, w) > 0, result.masks[row])
+        np.testing.assert_array_equal(scalars.reshape(h, w) > 0, mask)
         # RAS of a labelled voxel == RAS of the frame voxel under it
-        ys, xs = np.nonzero(result.masks[row])
+        ys, xs = np.nonzero(mask)
         if len(xs):
             ijk = np.stack([xs, ys, np.zeros_like(xs), np.ones_like(xs)]).astype(float)
             np.testing.assert_allclose(got @ ijk, expected @ ijk, atol=1e-9)

@@ -14,15 +14,15 @@ from UltramotionIGTLib.tools.metrics import box_iou_np
 
 def test_prepare_inputs_gray_rgb_and_dtypes():
     rng = np.random.default_rng(0)
-    gray = rng.integers(0, 256, (7, 9), dtype=np.uint8)
+    gray = rng.integers(0, 256, (17, 19), dtype=np.uint8)
     out = prepare_inference_inputs(gray, "cpu")
-    assert out.dtype == torch.uint8 and out.shape == (7, 9)
+    assert out.dtype == torch.uint8 and out.shape == (17, 19)
     assert np.array_equal(out.numpy(), gray)
-    rgb = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (17, 19, 3), dtype=np.uint8)
     lum = prepare_inference_inputs(rgb, "cpu").numpy().astype(int)
     expected = np.round(rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114).astype(int)
     assert np.abs(lum - expected).max() <= 1
-    as_float = prepare_inference_inputs(gray.astype(np.float32), "cpu")
+    as_float = prepare_inference_inputs(gray.astype(np.float32), "cpu")  # 8-bit values stored as float
     assert torch.equal(as_float, out)
 
 

@@ -1003,17 +1003,17 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
         )
 
     def _checkSegments(self, segmentationNode, volumeNode, result):
-        """Each target has a segment whose voxels are its mask, on the volume's IJK-to-RAS grid."""
+        """Each segment of the result (one per tracked target, one per class for its untracked
+        detections) has the voxels of its mask, on the volume's IJK-to-RAS grid."""
         import numpy as np
 
-        from UltramotionIGTLib.slicer.mrml import unique_segment_names
-
-        names = unique_segment_names(result)
+        segments = result.segments()
+        names = [segment[0] for segment in segments]
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual(sorted(segmentation.GetSegmentIDs()), sorted(names))
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
-        for row, name in enumerate(names):
+        for name, _color, mask in segments:
             labelmap = segmentation.GetSegment(name).GetRepresentation("Binary labelmap")
             imageToWorld = vtk.vtkMatrix4x4()
             labelmap.GetImageToWorldMatrix(imageToWorld)
@@ -1021,7 +1021,7 @@ class UltramotionIGTTest(ScriptedLoadableModuleTest):
                 for j in range(4):
                     self.assertAlmostEqual(imageToWorld.GetElement(i, j), ijkToRas.GetElement(i, j), places=6)
             voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, name)
-            np.testing.assert_array_equal(voxels.reshape(result.masks[row].shape) > 0, result.masks[row])
+            np.testing.assert_array_equal(voxels.reshape(mask.shape) > 0, mask)
 
     def _checkContent(self, result, truth):
         """With the trained demo models: every true vessel is found (mask Dice >= 0.5)."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from UltramotionIGTLib import CLASS_NAMES
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.hostsync import allowed_host_transfer
+from UltramotionIGTLib.core.weights import check_finite_weights
 from UltramotionIGTLib.errors import CheckpointError, UnsupportedImageTypeError
 
 __all__ = [
@@ -203,7 +204,12 @@ class Preprocessing:
             raise CheckpointError(f"detector preprocessing config {path} is not a JSON object")
         size = data.get("size") or {}
         if isinstance(size, dict) and "height" in size and "width" in size:
-            input_size = (int(size["height"]), int(size["width"]))
+            try:
+                input_size = (int(size["height"]), int(size["width"]))
+            except (TypeError, ValueError):
+                raise CheckpointError(
+                    f"detector preprocessing config {path}: size {size} is not two whole numbers"
+                ) from None
         elif fallback_size is not None:
             input_size = fallback_size
         else:
@@ -510,9 +516,9 @@ class DFineDetector:
             preprocessing = dataclasses.replace(preprocessing, input_size=_as_size(input_size))
         stride = max(int(s) for s in config.feat_strides)
         height, width = preprocessing.input_size
-        if height % stride or width % stride:
+        if height < stride or width < stride or height % stride or width % stride:
             raise CheckpointError(
-                f"detector input size {preprocessing.input_size} is not a multiple of the model's "
+                f"detector input size {preprocessing.input_size} is not a positive multiple of the model's "
                 f"largest feature stride {stride}: fix the size in {PREPROCESSOR_NAME}"
             )
         self._preprocessing = preprocessing
@@ -610,6 +616,7 @@ class DFineDetector:
             raise CheckpointError(
                 f"detector weights {weights_path} do not match {config_path}: " + "; ".join(problems)
             )
+        check_finite_weights(model.state_dict().items(), f"detector weights {weights_path}")
         return cls(model, preprocessing=preprocessing, device=target, channels_last=channels_last)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:

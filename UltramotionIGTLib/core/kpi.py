@@ -126,7 +126,9 @@ class FrameRecord:
     host_syncs / declared_hops: undeclared and declared device-to-host syncs of this frame, from the
     runtime transfer audit when it is on. frames_received / frames_processed / frames_dropped: the
     stream's counters after this frame (sessions, gateway). index_value: the sequence item's index
-    value (replay). extra: anything else, kept as given (JSON-able values).
+    value (replay). intensity: the intensity window the frame went through
+    (`core.intensity.IntensityWindow.to_dict`: rule, window, pixel type). extra: anything else, kept
+    as given (JSON-able values).
     """
 
     frame: int
@@ -146,6 +148,7 @@ class FrameRecord:
     frames_processed: int | None = None
     frames_dropped: int | None = None
     index_value: str | None = None
+    intensity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     event = "frame"
@@ -162,6 +165,7 @@ class FrameRecord:
             "path": getattr(result, "path", None),
             "tensor_devices": getattr(result, "tensor_devices", None) or None,
             "timestamp": result.timestamp,
+            "intensity": getattr(result, "intensity", None),
         }
         known = {f.name for f in fields(cls)}
         extra = dict(values.pop("extra", None) or {})

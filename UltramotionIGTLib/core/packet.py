@@ -28,9 +28,19 @@ CLASS_COLORS: dict[str, tuple[float, float, float]] = {
 DEFAULT_COLOR = (0.6, 0.6, 0.6)
 
 
+UNTRACKED = "untracked"
+
+
 def segment_name(class_name: str, track_id: int) -> str:
-    """Stable segment name for a target: ``vessel-3``; ``vessel`` when untracked (id < 0)."""
-    return f"{class_name}-{track_id}" if track_id >= 0 else class_name
+    """The segment a target belongs to -- THE naming rule of every output (file, Slicer, gateway):
+
+    - ``<class>-<id>`` (``vessel-3``): a tracked target; the id comes from the tracker, is never
+      reused in a run, and the segment keeps its name, colour and label value for the whole run;
+    - ``<class>-untracked`` (``vessel-untracked``): every detection of that class without a track id
+      in a frame -- tentative ones (not yet confirmed by the tracker's ``min_hits`` frames) and, with
+      tracking off (``--no-track``), all of them -- merged into ONE segment per class and frame.
+    """
+    return f"{class_name}-{int(track_id)}" if track_id >= 0 else f"{class_name}-{UNTRACKED}"
 
 
 @dataclass
@@ -41,7 +51,8 @@ class ResultPacket:
     (int64 class index); valid K (bool: selected as a prompt and kept); masks KxHxW (bool);
     centroids Kx2 (x, y pixels, weighted by mask probability and score); areas K (weighted pixel
     count); track_ids K (int64, -1 when untracked). ``path`` names the pipeline implementation
-    (``"gpu_resident"``, or ``"legacy"`` for the benchmarks' in-house-habits path).
+    (``"gpu_resident"``, or ``"legacy"`` for the benchmarks' in-house-habits path). ``intensity``:
+    the stream's intensity window (`core.intensity.IntensityWindow.to_dict`).
     """
 
     frame_index: int
@@ -58,6 +69,7 @@ class ResultPacket:
     timestamp: float | None = None
     timer: StageTimer | None = None
     path: str = "gpu_resident"
+    intensity: dict[str, Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -108,6 +120,7 @@ class ResultPacket:
             device=str(self.device),
             path=self.path,
             tensor_devices=self.tensor_devices(),
+            intensity=self.intensity,
         )
 
     def tensor_devices(self) -> dict[str, str]:
@@ -125,8 +138,8 @@ class HostResult:
     """Host-side (numpy) results of one frame: M valid targets. Shapes as in `ResultPacket`.
 
     ``stage_ms``: milliseconds per stage (`UltramotionIGTLib.core.kpi.STAGES`); ``device``,
-    ``tensor_devices`` and ``path``: where and by which implementation it was computed (for the KPI
-    record).
+    ``tensor_devices`` and ``path``: where and by which implementation it was computed, ``intensity``:
+    the intensity window its frame went through (all for the KPI record).
     """
 
     frame_index: int
@@ -144,6 +157,7 @@ class HostResult:
     device: str | None = None
     path: str | None = None
     tensor_devices: dict[str, str] = field(default_factory=dict)
+    intensity: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -157,6 +171,18 @@ class HostResult:
 
     def segment_colors(self) -> list[tuple[float, float, float]]:
         return [CLASS_COLORS.get(self.class_name(i), DEFAULT_COLOR) for i in range(len(self))]
+
+    def segments(self) -> list[tuple[str, tuple[float, float, float], np.ndarray]]:
+        """(name, colour, HxW bool mask) per segment of this frame, by `segment_name`'s rule: one per
+        tracked target, one per class for its untracked detections (their masks merged), in order of
+        first appearance among the targets."""
+        merged: dict[str, tuple[tuple[float, float, float], np.ndarray]] = {}
+        for i, (name, color) in enumerate(zip(self.segment_names(), self.segment_colors(), strict=True)):
+            if name in merged:
+                merged[name] = (merged[name][0], merged[name][1] | self.masks[i])
+            else:
+                merged[name] = (color, np.asarray(self.masks[i], dtype=bool))
+        return [(name, color, mask) for name, (color, mask) in merged.items()]
 
     def labelmap(self, by: str = "class", dtype: Any = np.uint8) -> np.ndarray:
         """HxW label image. ``by="class"``: value = class index + 1; ``by="target"``: value = row + 1.
@@ -175,9 +201,10 @@ class HostResult:
 class SegmentTable:
     """Label values for segments that keep their meaning through a whole sequence.
 
-    Each segment name (``vessel-3``; ``vessel`` for an untracked target) gets one label value the
-    first time it appears and keeps it in every frame, so a labelmap sequence, a Slicer segmentation
-    and the KPI stream all speak of the same targets.
+    Each segment name (`segment_name`: ``vessel-3``; ``vessel-untracked`` for a class's untracked
+    detections) gets one label value the first time it appears and keeps it in every frame, so a
+    labelmap sequence, a Slicer segmentation and the KPI stream all speak of the same targets.
+    Labelmaps are uint8, uint16 past 255 segments, uint32 past 65535.
     """
 
     def __init__(self) -> None:
@@ -191,10 +218,12 @@ class SegmentTable:
         return self._values[name]
 
     def labelmap(self, result: HostResult) -> np.ndarray:
-        """HxW labelmap of ``result`` with this table's values (uint8, uint16 past 255 segments)."""
+        """HxW labelmap of ``result`` with this table's values (uint8; uint16 past 255 segments, uint32
+        past 65535). Where masks overlap, the higher-scoring target wins."""
         names, colors = result.segment_names(), result.segment_colors()
         values = [self.value_for(n, c) for n, c in zip(names, colors, strict=True)]
-        dtype = np.uint8 if len(self._values) <= 255 else np.uint16
+        count = len(self._values)
+        dtype = np.uint8 if count <= 255 else np.uint16 if count <= 65535 else np.uint32
         out = np.zeros(result.image_size, dtype=dtype)
         for i in np.argsort(result.scores, kind="stable"):
             out[result.masks[i]] = values[i]

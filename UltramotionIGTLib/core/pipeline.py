@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +26,12 @@ import torch
 from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.hostsync import allowed_host_transfer
+from UltramotionIGTLib.core.intensity import (
+    IntensityMapper,
+    IntensityWindow,
+    NonFiniteFrameError,
+    apply_window,
+)
 from UltramotionIGTLib.core.kpi import FrameRecord, KpiSink, StageTimer, safe_log_kpi
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
@@ -64,32 +70,84 @@ def _seconds_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Tensor:
-    """The frame's single host-to-device copy.
+MIN_FRAME_SIDE = 16
+"""Smallest frame side (rows and columns, pixels) the pipeline segments: below it a frame is not an
+image (a 1-row PLUS frame, a degenerate export) and SAM's longest-side resize would collapse it."""
 
-    ``frame``: HxW (grayscale) or HxWx3 (RGB, converted to luminance on the device) as a numpy array
-    or torch tensor, uint8 or any real dtype. Returns an HxW uint8 tensor on ``device``. On CUDA the
+
+def check_frame_shape(shape: Any) -> tuple[int, int]:
+    """(H, W) of a frame shaped HxW, HxWx1 or HxWx3, both at least `MIN_FRAME_SIDE` pixels.
+
+    Raises `UnsupportedImageTypeError` naming the shape otherwise (torch-free; `run` checks a
+    recording's frames with it before loading any model).
+    """
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 3 and dims[-1] in (1, 3):
+        dims = dims[:2]
+    if len(dims) != 2:
+        raise UnsupportedImageTypeError(
+            f"frame must be HxW or HxWx3, got shape {tuple(shape)} (RF or multi-frame data?)"
+        )
+    h, w = dims
+    if min(h, w) < MIN_FRAME_SIDE:
+        raise UnsupportedImageTypeError(
+            f"frame of {h} x {w} pixels (shape {tuple(shape)}) is too small to segment: both sides must be "
+            f"at least {MIN_FRAME_SIDE} pixels"
+        )
+    return h, w
+
+
+def prepare_inference_inputs(
+    frame: Any, device: torch.device | str, intensity: IntensityMapper | None = None
+) -> torch.Tensor:
+    """The frame's single host-to-device copy, and the intensity mapping (`core.intensity`).
+
+    ``frame``: HxW (grayscale), HxWx1 or HxWx3 (RGB, converted to luminance on the device) as a
+    numpy array or torch tensor of any real dtype (integers, floats), each side at least
+    `MIN_FRAME_SIDE` pixels. ``intensity``: the stream's `IntensityMapper` (`Pipeline.intensity`);
+    None: this frame is a stream of its own (its window is fixed from it). Returns an HxW uint8
+    tensor on ``device``: uint8 frames unchanged, others through the stream's window. On CUDA the
     host buffer is pinned and the copy is non-blocking; a tensor already on ``device`` is not copied.
+
+    Raises `UnsupportedImageTypeError` naming the shape or type for what is not an image (wrong
+    shape, too small, a meta tensor, a bool mask or a non-numeric type) and `NonFiniteFrameError` for a host frame
+    with no finite pixel.
     """
     device = torch.device(device)
+    mapper = intensity if intensity is not None else IntensityMapper()
+    host: np.ndarray | None = None
     if isinstance(frame, np.ndarray):
-        if frame.dtype == np.bool_ or not (
-            np.issubdtype(frame.dtype, np.integer) or np.issubdtype(frame.dtype, np.floating)
-        ):
+        if frame.dtype.kind not in "iuf":
             raise UnsupportedImageTypeError(f"frame pixel type {frame.dtype} is not an image type")
-        tensor = torch.from_numpy(np.ascontiguousarray(frame))
+        host = frame if frame.dtype.isnative else frame.astype(frame.dtype.newbyteorder("="))
+        check_frame_shape(host.shape)
+        upload = host
+        if host.dtype.kind == "u" and host.dtype.itemsize > 1:
+            # torch's unsigned 16/32/64-bit types have limited operator support on GPUs: upload
+            # a signed type that holds every value (uint64 as float64, whose rounding the window
+            # would do anyway)
+            upload = host.astype({2: np.int32, 4: np.int64}.get(host.dtype.itemsize, np.float64))
+        tensor = torch.from_numpy(np.ascontiguousarray(upload))
     elif isinstance(frame, torch.Tensor):
+        if frame.is_meta:
+            raise UnsupportedImageTypeError(
+                f"frame is a meta tensor (shape {tuple(frame.shape)}, no pixel data): pass real pixels"
+            )
+        if frame.is_complex() or frame.dtype in (torch.bool, torch.quint8, torch.qint8, torch.qint32):
+            raise UnsupportedImageTypeError(f"frame pixel type {frame.dtype} is not an image type")
+        check_frame_shape(frame.shape)
         tensor = frame
+        if tensor.device.type == "cpu" and tensor.dtype != torch.uint8:
+            with allowed_host_transfer("intensity checks of a host (CPU) frame: no device involved"):
+                host = tensor.detach().numpy()
     else:
         raise UnsupportedImageTypeError(
             f"frame must be a numpy array or torch tensor, got {type(frame).__name__}"
         )
     if tensor.ndim == 3 and tensor.shape[-1] == 1:
         tensor = tensor[..., 0]
-    if tensor.ndim not in (2, 3) or (tensor.ndim == 3 and tensor.shape[-1] != 3):
-        raise UnsupportedImageTypeError(
-            f"frame must be HxW or HxWx3, got shape {tuple(tensor.shape)} (RF or multi-frame data?)"
-        )
+        host = None if host is None else host[..., 0]
+    window = mapper.window_for(tensor, host)
     # the frame's one upload (a no-op for a tensor already on ``device``): pinned and asynchronous
     # on CUDA, so no sync; a blocking copy elsewhere
     with allowed_host_transfer("frame upload (prepare_inference_inputs)", max_syncs=1):
@@ -97,11 +155,12 @@ def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Te
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         else:
             tensor = tensor.to(device)
+    tensor = apply_window(tensor, window)
     if tensor.ndim == 3:
         rgb = tensor.to(torch.float32)
         tensor = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     if tensor.dtype != torch.uint8:
-        tensor = tensor.to(torch.float32).round().clamp_(0, 255).to(torch.uint8)
+        tensor = tensor.round().clamp_(0, 255).to(torch.uint8)
     return tensor
 
 
@@ -202,7 +261,21 @@ class Pipeline:
 
             tracker = Tracker(device=self.device)
         self.tracker = tracker
+        #: the stream's intensity mapping (`core.intensity`): its window is fixed on the first frame
+        #: (or stated from the data's metadata) and kept until `reset`
+        self.intensity = IntensityMapper()
+        self._check_prompt_slots()
         self._frame_counter = 0
+
+    def _check_prompt_slots(self) -> None:
+        """`ValueError` when ``max_targets_per_class`` exceeds the boxes the detector proposes per frame
+        (its query count): more prompt slots could never be filled, and each one costs an HxW mask."""
+        queries = getattr(self.detector, "num_queries", None)
+        if queries is not None and self.config.max_targets_per_class > int(queries):
+            raise ValueError(
+                f"max_targets_per_class {self.config.max_targets_per_class} exceeds the {int(queries)} boxes "
+                f"the detector proposes per frame (its query count): use at most {int(queries)}"
+            )
 
     @classmethod
     def from_paths(
@@ -227,10 +300,13 @@ class Pipeline:
         segmenter = SamSegmenter.from_checkpoint(sam_checkpoint, model_type=sam_type, device=device)
         return cls(detector, segmenter, config, **kwargs)
 
-    def reset(self) -> None:
-        """Forget tracks and the frame counter (a new sequence starts)."""
+    def reset(self, intensity_window: IntensityWindow | None | str = "keep") -> None:
+        """Forget tracks, the frame counter and the intensity window fixed from a first frame (a new
+        stream starts). ``intensity_window``: the window the new stream's metadata states (None: none;
+        by default the stated one is kept), see `core.intensity`."""
         if self.tracker is not None:
             self.tracker.reset()
+        self.intensity.reset(intensity_window)
         self._frame_counter = 0
 
     # -- per frame ---------------------------------------------------------------------------------
@@ -240,17 +316,20 @@ class Pipeline:
     ) -> ResultPacket:
         """One frame -> `ResultPacket` of device tensors (see `ResultPacket` for shapes).
 
-        ``frame``: HxW or HxWx3, numpy array or tensor (see `prepare_inference_inputs`).
-        ``frame_index``: its number in the stream (default: one more than the last).
-        ``timestamp``: its acquisition time in seconds (carried through to the result).
-        Raises `UnsupportedImageTypeError` for a frame that is not an image.
+        ``frame``: HxW or HxWx3, numpy array or tensor of any real pixel type, each side at least
+        `MIN_FRAME_SIDE` pixels (see `prepare_inference_inputs`; its intensities go through the
+        stream's window, `Pipeline.intensity`). ``frame_index``: its number in the stream (default: one
+        more than the last). ``timestamp``: its acquisition time in seconds (carried through to the
+        result). Raises `UnsupportedImageTypeError` naming the shape or type for a frame that is not an
+        image (the frame is not counted), `NonFiniteFrameError` (a subclass) for a frame without a
+        finite pixel: report and skip it.
         """
         if frame_index is None:
             frame_index = self._frame_counter
-        self._frame_counter = frame_index + 1
         timer = StageTimer(self.device)
         with timer.stage("prepare"):
-            image = prepare_inference_inputs(frame, self.device)
+            image = prepare_inference_inputs(frame, self.device, self.intensity)
+        self._frame_counter = frame_index + 1
         h, w = int(image.shape[0]), int(image.shape[1])
         with timer.stage("detector"):
             detections = self._detect(image)
@@ -277,6 +356,7 @@ class Pipeline:
             timestamp=timestamp,
             timer=timer,
             path=self.path,
+            intensity=self.intensity.describe(),
         )
 
     def _detect(self, image: torch.Tensor) -> Any:
@@ -318,6 +398,7 @@ class Pipeline:
         *,
         audit: Any | None = None,
         sink: KpiSink | None = None,
+        on_skip: Callable[[int, float | None, Any, Exception], None] | None = None,
     ) -> Iterator[tuple[HostResult, FrameRecord]]:
         """The per-frame loop over a recording: each frame through `process_frame` and its one host
         copy, then its `FrameRecord` (wall time of both), given to ``sink``; yields (result, record).
@@ -326,14 +407,22 @@ class Pipeline:
         `UltramotionIGTLib.tools.audit.runtime.RuntimeTransferAudit`; each frame is one audit frame and
         its counts go into the record (``host_syncs``, ``declared_hops``, ...); what the loop does
         between frames (the record, the sink) is counted by the audit as after that frame.
+        ``on_skip``: called with (frame index, timestamp, frame, error) for a frame without a finite
+        pixel (`NonFiniteFrameError`), which then yields nothing; without it the error is raised.
         """
         stamps = iter(timestamps) if timestamps is not None else None
         for index, frame in enumerate(frames):
             timestamp = _seconds_or_none(next(stamps, None)) if stamps is not None else None
             t0 = time.perf_counter()
-            with audit.frame(index) if audit is not None else nullcontext():
-                packet = self.process_frame(frame, index, timestamp)
-                result = packet.to_host()
+            try:
+                with audit.frame(index) if audit is not None else nullcontext():
+                    packet = self.process_frame(frame, index, timestamp)
+                    result = packet.to_host()
+            except NonFiniteFrameError as exc:
+                if on_skip is None:
+                    raise
+                on_skip(index, timestamp, frame, exc)
+                continue
             wall_ms = (time.perf_counter() - t0) * 1000.0
             counts = audit.last_frame.kpi() if audit is not None else {}
             record = FrameRecord.from_result(result, wall_ms=wall_ms, **counts)
@@ -348,4 +437,5 @@ class Pipeline:
             "path": self.path,
             "config": asdict(self.config),
             "class_names": list(self.class_names),
+            "intensity": self.intensity.describe(),
         }

@@ -8,6 +8,8 @@ fields, `write_image`), `segmentation` (the segmentation sequence). Import the p
 
 from UltramotionIGTLib.io.common import LPS_TO_RAS, SegmentationSequence, SegmentInfo, UltrasoundSequence
 from UltramotionIGTLib.io.segmentation import (
+    MAX_LABEL_VALUE,
+    SegmentationSequenceWriter,
     default_segments,
     read_segmentation_sequence,
     write_segmentation_sequence,
@@ -18,12 +20,15 @@ from UltramotionIGTLib.io.sequence import (
     luminance,
     read_sequence,
     reader_for,
+    stated_window,
     to_uint8,
     write_image,
 )
 
 __all__ = [
     "BT601_WEIGHTS",
+    "MAX_LABEL_VALUE",
+    "SegmentationSequenceWriter",
     "FORMAT_READERS",
     "LPS_TO_RAS",
     "SegmentInfo",
@@ -34,6 +39,7 @@ __all__ = [
     "read_segmentation_sequence",
     "read_sequence",
     "reader_for",
+    "stated_window",
     "to_uint8",
     "write_image",
     "write_segmentation_sequence",

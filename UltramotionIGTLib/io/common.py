@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,23 +266,56 @@ def embed_geometry(
     norms = np.linalg.norm(direction, axis=0)
     if np.any(norms < 1e-12):
         raise InputFileError(f"{path}: the direction matrix has a zero axis: {direction_nd.tolist()}")
-    if any(s <= 0 for s in spacing):
-        raise InputFileError(f"{path}: spacing must be positive, got {list(spacing)}")
+    if any(s == 0 for s in spacing):
+        raise InputFileError(f"{path}: spacing must not be zero, got {list(spacing)}")
     direction = direction / norms
+    # A negative spacing (PLUS writes some) is a flipped axis: ITK and Slicer read it as the positive
+    # spacing along the reversed direction, and so do we.
+    signs = np.sign(np.asarray(list(spacing) + [1.0] * (3 - nd), dtype=np.float64))
+    direction = direction * signs[None, :]
+    spacing = [abs(float(s)) for s in spacing]
+    check_direction(direction, path)
     spacing3 = tuple(float(v) for v in (list(spacing) + [1.0] * (3 - nd)))
     origin3 = tuple(float(v) for v in (list(origin) + [0.0] * (3 - nd)))
     return direction, spacing3, origin3  # type: ignore[return-value]
+
+
+def check_direction(direction: np.ndarray, path: Path) -> None:
+    """`InputFileError` when the 3x3 direction matrix (unit columns) is singular: two image axes are
+    parallel (or one is zero), so the voxels have no place in space and Slicer cannot load the file."""
+    det = float(np.linalg.det(direction))
+    if not np.isfinite(det) or abs(det) < 1e-6:
+        raise InputFileError(
+            f"{path}: the image axes' directions are parallel (direction matrix {np.round(direction, 6).tolist()} "
+            "is singular): the voxels have no position in space; fix the file's direction matrix"
+        )
+
+
+def check_readable_file(path: Path, role: str = "file") -> None:
+    """`InputFileError` naming ``path`` unless it is an existing regular file (broken or looping
+    symbolic links and folders are named as such, not as "does not exist")."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputFileError(
+                f"{path}: {role} is a symbolic link to {os.readlink(path)!r}, which does not exist"
+            ) from None
+        raise InputFileError(f"{path}: {role} does not exist") from None
+    except OSError as exc:  # ELOOP (a symbolic link loop), EACCES on a parent, ENAMETOOLONG...
+        raise InputFileError(f"{path}: {role} cannot be opened ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputFileError(f"{path}: is a directory, expected a {role}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputFileError(f"{path}: {role} is not a regular file (a device, pipe or socket)")
 
 
 def read_file_bytes(
     path: Path, allow_empty: bool = False, probe_only: bool = False, role: str = "file"
 ) -> bytes:
     """Whole file content, or b"" after checks only; `InputFileError` for missing/empty/unreadable."""
+    check_readable_file(path, role)
     try:
-        if not path.exists():
-            raise InputFileError(f"{path}: {role} does not exist")
-        if path.is_dir():
-            raise InputFileError(f"{path}: is a directory, expected a {role}")
         size = path.stat().st_size
         if size == 0 and not allow_empty:
             raise InputFileError(f"{path}: {role} is empty (0 bytes)")

@@ -87,6 +87,32 @@ def _floats(text: str, count: int, key: str, path: Path) -> list[float]:
     return values
 
 
+_KNOWN_KEYS = (
+    "ObjectType", "NDims", "DimSize", "ElementType", "ElementDataFile", "ElementNumberOfChannels",
+    "ElementSpacing", "ElementSize", "Offset", "Position", "Origin", "TransformMatrix", "Rotation",
+    "Orientation", "BinaryData", "BinaryDataByteOrderMSB", "ElementByteOrderMSB", "CompressedData",
+    "CompressedDataSize", "HeaderSize", "Kinds", "AnatomicalOrientation", "CenterOfRotation",
+    "ElementMin", "ElementMax",
+)  # fmt: skip
+_KNOWN_BY_LOWER = {k.lower(): k for k in _KNOWN_KEYS}
+
+# zlib's best case is about 1032:1 (a run of one byte value): compressed data declaring more than
+# this many times its own size cannot hold it (and would make decompression allocate the lie).
+_ZLIB_MAX_RATIO = 1100
+
+
+def _int_field(header: dict[str, str], key: str, default: int, path: Path) -> int:
+    """The integer value of header field ``key`` (``default`` when absent or empty); `InputFileError`
+    naming the field and the file otherwise."""
+    text = header.get(key, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InputFileError(f"{path}: header field {key} = {text!r} is not an integer") from None
+
+
 def _parse_metaimage_header(raw: bytes, path: Path) -> tuple[dict[str, str], dict[str, dict[int, str]], int]:
     """Header fields, per-frame fields and the byte offset just after the ElementDataFile line."""
     header: dict[str, str] = {}
@@ -109,6 +135,12 @@ def _parse_metaimage_header(raw: bytes, path: Path) -> tuple[dict[str, str], dic
             if not sep or not key or " " in key:
                 raise InputFileError(
                     f"{path}: line {line_no} ({line[:60]!r}) is not 'Key = Value': not a MetaImage (.mha/.mhd) file"
+                )
+            canonical = _KNOWN_BY_LOWER.get(key.lower())
+            if canonical is not None and canonical != key:
+                raise InputFileError(
+                    f"{path}: line {line_no} has header key {key!r}; MetaImage keys are case-sensitive: "
+                    f"write {canonical!r}"
                 )
             m = PLUS_FRAME_FIELD.match(key)
             if m:
@@ -137,10 +169,7 @@ def read_metaimage(path: Path) -> ParsedFile:
     for required in ("NDims", "DimSize", "ElementType"):
         if required not in header:
             raise InputFileError(f"{path}: MetaImage header has no {required} field")
-    try:
-        ndims = int(header["NDims"])
-    except ValueError:
-        raise InputFileError(f"{path}: NDims = {header['NDims']!r} is not an integer") from None
+    ndims = _int_field(header, "NDims", 0, path)
     if ndims not in (2, 3):
         raise UnsupportedImageTypeError(
             f"{path}: NDims = {ndims}; only 2-D images and 2-D+frames (3-D) are read"
@@ -158,9 +187,9 @@ def read_metaimage(path: Path) -> ParsedFile:
     element_type = header["ElementType"].upper().removesuffix("_ARRAY")
     if element_type not in _MET_TYPES:
         raise UnsupportedImageTypeError(f"{path}: ElementType {header['ElementType']} is not supported")
-    channels = int(header.get("ElementNumberOfChannels", "1") or 1)
+    channels = _int_field(header, "ElementNumberOfChannels", 1, path)
     if channels < 1:
-        raise InputFileError(f"{path}: ElementNumberOfChannels = {channels}")
+        raise InputFileError(f"{path}: ElementNumberOfChannels = {channels}, must be at least 1")
     msb = (
         header.get("BinaryDataByteOrderMSB") or header.get("ElementByteOrderMSB") or "False"
     ).lower() == "true"
@@ -168,6 +197,13 @@ def read_metaimage(path: Path) -> ParsedFile:
 
     w, h = dims[0], dims[1]
     n = dims[2] if ndims == 3 else 1
+    third_kind = _third_kind(header.get("Kinds", ""), ndims)
+    if ndims == 3 and n > 1 and third_kind in ("", "domain", "space") and not frame_fields:
+        raise UnsupportedImageTypeError(
+            f"{path}: a 3-D volume (DimSize {header['DimSize']}, third axis spatial), not a sequence of 2-D "
+            "frames: its slices would all be placed at the first slice's position. If the third axis is "
+            "time, mark it so: Kinds = domain domain list"
+        )
     count = w * h * n * channels
     nbytes = count * dtype.itemsize
 
@@ -184,7 +220,7 @@ def read_metaimage(path: Path) -> ParsedFile:
         data_path = (path.parent / data_file) if not Path(data_file).is_absolute() else Path(data_file)
         payload = read_file_bytes(data_path, allow_empty=True, role=f"pixel data file of {path}")
         data_name = str(data_path)
-        header_size = int(header.get("HeaderSize", "0") or 0)
+        header_size = _int_field(header, "HeaderSize", 0, path)
         if header_size == -1:
             payload = payload[max(len(payload) - nbytes, 0) :]
         elif header_size > 0:
@@ -205,6 +241,12 @@ def read_metaimage(path: Path) -> ParsedFile:
                     f"holds {len(payload)}: the file is truncated"
                 )
             payload = payload[:declared_size]
+        if nbytes > _ZLIB_MAX_RATIO * max(len(payload), 1):
+            raise InputFileError(
+                f"{data_name}: the header (DimSize {header['DimSize']}, {header['ElementType']}) declares "
+                f"{nbytes} bytes of pixel data, more than {len(payload)} bytes of compressed data can hold: "
+                "header and data disagree"
+            )
         decomp = zlib.decompressobj(wbits=47)  # zlib or gzip header, auto-detected
         try:
             buf = decomp.decompress(payload, nbytes + 1)
@@ -272,12 +314,12 @@ def read_metaimage(path: Path) -> ParsedFile:
         frame_fields=frame_fields,
         image_type=image_type,
         image_orientation=find_field(header, "UltrasoundImageOrientation"),
-        extra={"format": "MetaImage", "third_axis_kind": _third_kind(header.get("Kinds", ""), ndims)},
+        extra={"format": "MetaImage", "third_axis_kind": third_kind},
     )
 
 
 def _third_kind(kinds: str, ndims: int) -> str:
-    parts = kinds.split()
+    parts = kinds.lower().split()
     return parts[2] if ndims == 3 and len(parts) == 3 else ("" if ndims == 3 else "none")
 
 

@@ -28,11 +28,14 @@ what is wrong; pixel data is used only when its size matches the header exactly.
 
 Pixel values
 ------------
-The pipeline wants HxW uint8 brightness frames. ``read_sequence(..., intensity="uint8")`` (default)
-gives uint8 (`to_uint8`): uint8 data is untouched; bool -> 0/255; integer data already within 0..255
-is cast losslessly; float data within [0, 1] is scaled by 255; anything else is mapped linearly from
-the sequence's finite [min, max] to [0, 255] (one mapping for all frames, NaN/inf -> 0). What was done
-is in ``metadata["intensity"]``. ``intensity="keep"`` keeps the file's dtype. Colour is converted to
+The pipeline wants HxW uint8 brightness frames, through ONE intensity mapping for every entry point
+(`UltramotionIGTLib.core.intensity`: uint8 unchanged, bool refused, other types through one window per stream,
+stated by the file or fixed from the first frame; NaN/inf -> 0). The readers do not map: they hand the
+file's pixels and, when the header states a display window (MetaImage ``ElementMin`` /
+``ElementMax``, NRRD ``min`` / ``max``), ``metadata["intensity_window"] = [lo, hi]``; ``run`` passes
+both to the pipeline, which maps. ``read_sequence(..., intensity="uint8")`` (default) applies the same
+mapping on the host (`to_uint8`) for callers that want uint8 frames; what was done is in
+``metadata["intensity"]``. ``intensity="keep"`` keeps the file's dtype. Colour is converted to
 luminance by default (`luminance`) with ITU-R BT.601 weights, Y = 0.299 R + 0.587 G + 0.114 B, rounded
 to nearest (ties to even) and clipped to 0..255 for uint8 input; ``color="rgb"`` keeps N x H x W x 3
 (alpha dropped).
@@ -60,6 +63,7 @@ __all__ = [
     "luminance",
     "read_sequence",
     "reader_for",
+    "stated_window",
     "to_uint8",
     "write_image",
 ]
@@ -126,8 +130,11 @@ def read_sequence(source: Any, color: str = "luminance", intensity: str = "uint8
         "format": parsed.extra.get("format", ""),
         "source_dtype": str(parsed.data.dtype),
     }
+    stated = stated_window(parsed.header, name)
+    if stated is not None:
+        metadata["intensity_window"] = list(stated)
     if intensity == "uint8":
-        frames, metadata["intensity"] = to_uint8(frames)
+        frames, metadata["intensity"] = to_uint8(frames, stated)
     timestamps, frame_status, transforms, transform_status, leftover = _per_frame(
         parsed, frames.shape[0], name
     )
@@ -174,27 +181,48 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return y.astype(np.float32) if rgb.dtype.kind == "f" and rgb.dtype.itemsize <= 4 else y
 
 
-def to_uint8(frames: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Frames of any scalar dtype -> uint8 with the rule in the module docstring, plus what was done."""
-    dtype = frames.dtype
-    if dtype == np.uint8:
-        return frames, {"rule": "unchanged"}
-    if dtype == np.bool_:
-        return frames.astype(np.uint8) * 255, {"rule": "bool -> 0/255"}
-    finite = frames[np.isfinite(frames)] if dtype.kind == "f" else frames
-    if finite.size == 0:
-        return np.zeros(frames.shape, np.uint8), {"rule": "no finite values -> 0"}
-    lo, hi = float(finite.min()), float(finite.max())
-    if dtype.kind in "iu" and lo >= 0 and hi <= 255:
-        return frames.astype(np.uint8), {"rule": "integers within 0..255 cast"}
-    values = np.where(np.isfinite(frames), frames, 0.0) if dtype.kind == "f" else frames
-    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), {"rule": "[0, 1] * 255"}
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    out = np.clip(np.rint((values.astype(np.float64) - lo) * scale), 0, 255).astype(np.uint8)
-    if dtype.kind == "f":
-        out[~np.isfinite(frames)] = 0
-    return out, {"rule": "linear [min, max] -> [0, 255]", "min": lo, "max": hi}
+def stated_window(header: dict[str, Any], name: str) -> tuple[float, float] | None:
+    """The display window a header states, (lo, hi), or None: MetaImage ``ElementMin`` / ``ElementMax``,
+    NRRD ``min`` / ``max`` (both or neither). `InputFileError` naming the file when they are not
+    finite numbers with max > min."""
+    lo_text = find_field(header, "ElementMin", "min")
+    hi_text = find_field(header, "ElementMax", "max")
+    if not lo_text and not hi_text:
+        return None
+    try:
+        lo, hi = float(lo_text), float(hi_text)
+    except ValueError:
+        raise InputFileError(
+            f"{name}: the header's intensity range (min {lo_text!r}, max {hi_text!r}) is not two numbers"
+        ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise InputFileError(
+            f"{name}: the header's intensity range [{lo_text}, {hi_text}] is empty or not finite"
+        )
+    return lo, hi
+
+
+def to_uint8(
+    frames: np.ndarray, stated: tuple[float, float] | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Frames of any scalar dtype -> uint8 with the one intensity mapping (`core.intensity`): the
+    ``stated`` window (lo, hi) when given, else the window fixed from the first frame with a finite
+    pixel; the same window for every frame. Returns the frames and the window's description."""
+    from UltramotionIGTLib.core.intensity import IntensityWindow, NonFiniteFrameError, window_for_frame
+
+    if stated is not None:
+        window = IntensityWindow.stated(stated[0], stated[1], str(frames.dtype))
+    else:
+        window = None
+        for frame in frames:
+            try:
+                window = window_for_frame(frame)
+                break
+            except NonFiniteFrameError:
+                continue
+        if window is None:  # no frame has a finite pixel: all black, and said so
+            return np.zeros(frames.shape, np.uint8), {"rule": "no finite values -> 0"}
+    return window.map_numpy(frames), window.to_dict()
 
 
 def _per_frame(

@@ -44,7 +44,8 @@ import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -616,6 +617,24 @@ def _verify_dir(root: Path) -> PackReport:
     return PackReport(root, manifest, len(listed), total, extra)
 
 
+@contextmanager
+def naming_the_zip(unpacked: Path | None, zip_path: Path | None) -> Iterator[None]:
+    """Errors raised inside name ``zip_path`` (``pack.zip:sam/sam.safetensors``) instead of the
+    temporary folder it was unpacked into (``unpacked``), which is gone when the message is read.
+    Without ``unpacked`` nothing changes."""
+    try:
+        yield
+    except CheckpointError as exc:
+        if unpacked is None or zip_path is None:
+            raise
+        text = str(exc)
+        for root in {str(unpacked), str(Path(unpacked).resolve())}:
+            text = text.replace(root + os.sep, f"{zip_path}:").replace(root, str(zip_path))
+        if text == str(exc):
+            raise
+        raise CheckpointError(text) from None
+
+
 def verify_pack(path: str | Path) -> PackReport:
     """Check every file a pack lists (existence, size, sha256); returns a `PackReport`.
 
@@ -627,7 +646,8 @@ def verify_pack(path: str | Path) -> PackReport:
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="ultramotion-verify-") as tmp:
             inner = extract_pack_zip(path, Path(tmp))
-            report = _verify_dir(inner)
+            with naming_the_zip(inner, path):
+                report = _verify_dir(inner)
             report.root = path
             return report
     if not path.exists():

@@ -43,6 +43,8 @@ class ModelSource:
     pack_name: str | None = None
     #: keeps a temporary folder (unpacked zip, random models) alive as long as the source
     keep: Any = field(default=None, repr=False, compare=False)
+    #: the .zip a pack was unpacked from (``pack`` is then a temporary folder): messages name the zip
+    zip_path: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("detector", "sam"):
@@ -104,9 +106,10 @@ class ModelSource:
         manifest says); explicit paths are loaded as they are.
         """
         if self.pack is not None:
-            from UltramotionIGTLib.models.packs import load_pack
+            from UltramotionIGTLib.models.packs import load_pack, naming_the_zip
 
-            detector, segmenter, _ = load_pack(self.pack, device=device)
+            with naming_the_zip(self.pack if self.zip_path is not None else None, self.zip_path):
+                detector, segmenter, _ = load_pack(self.pack, device=device)
             return detector, segmenter
         if self.detector is None or self.sam is None:
             raise CheckpointError(demo_missing_message())

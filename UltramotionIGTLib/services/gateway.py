@@ -49,11 +49,11 @@ import time
 from collections import Counter, deque
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from UltramotionIGTLib.core.intensity import NonFiniteFrameError
 from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, format_kpi
 from UltramotionIGTLib.core.mailbox import LatestFrameMailbox
 from UltramotionIGTLib.errors import InputFileError, UltramotionError
@@ -76,7 +76,8 @@ class GatewayConfig:
     IMAGE device to segment (None: the first one received). ``output_name``: device name of the
     label map (None: ``<input>_Segmentation``). ``pose_transform``: the TRANSFORM echoed as the
     frame's pose (None: the first TRANSFORM name received). ``record_dir``: write ``run``'s outputs
-    there as frames arrive. ``sync_audit``: count host syncs per frame into the KPI record
+    there as frames arrive (a folder, or a `tools.outputs.OutputFolder` already checked and locked;
+    a folder with an earlier run's results is refused unless ``record_overwrite``). ``sync_audit``: count host syncs per frame into the KPI record
     (`RuntimeTransferAudit` without profiler). ``client_queue``: frames queued per client before
     the oldest is dropped. ``send_timeout_s``: a client that accepts no data this long is
     disconnected. ``plus_idle_timeout_s``: reconnect to PLUS after this long without data (None:
@@ -91,7 +92,8 @@ class GatewayConfig:
     input_name: str | None = None
     output_name: str | None = None
     pose_transform: str | None = None
-    record_dir: str | Path | None = None
+    record_dir: Any = None
+    record_overwrite: bool = False
     sync_audit: bool = False
     client_queue: int = 2
     send_timeout_s: float = 5.0
@@ -466,7 +468,15 @@ class Gateway:
             from UltramotionIGTLib.services.recorder import StreamRecorder
 
             try:
-                self._recorder = StreamRecorder(self.config.record_dir, self.source, self.pipeline.describe())
+                self._recorder = StreamRecorder(
+                    self.config.record_dir,
+                    self.source,
+                    self.pipeline.describe(),
+                    overwrite=self.config.record_overwrite,
+                )
+            except UltramotionError:
+                self.server.stop()
+                raise
             except OSError as exc:
                 self.server.stop()
                 raise UltramotionError(f"cannot record into {self.config.record_dir}: {exc}") from exc
@@ -610,6 +620,10 @@ class Gateway:
                     continue
                 try:
                     self._process(frame, audit)
+                except NonFiniteFrameError as exc:  # reported and skipped: nothing to segment
+                    with self._lock:
+                        self._stats.dropped["non_finite"] += 1
+                    self._throttle(("non_finite",), logging.WARNING, "frame %d skipped: %s", frame.index, exc)
                 except Exception as exc:  # noqa: BLE001 - one failed frame is counted, the stream goes on
                     with self._lock:
                         self._stats.dropped["pipeline_error"] += 1
@@ -913,7 +927,7 @@ def _host_port(text: str, default_port: int) -> tuple[str, int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` options to ``parser``."""
-    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments
+    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments, positive_int
 
     parser.description = (
         "OpenIGTLink gateway: receive IMAGE (+ TRANSFORM) from a PLUS server (or replay a recording with the "
@@ -974,11 +988,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--record", metavar="DIR", default=None, help="also write run's outputs into DIR as frames arrive"
     )
     out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --record: replace the results of an earlier run in DIR (refused otherwise)",
+    )
+    out.add_argument(
         "--send-timeout", type=float, default=5.0, help="disconnect a client stalled this long (5 s)"
     )
     ctl = parser.add_argument_group("control")
     ctl.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    ctl.add_argument("--max-frames", type=int, default=None, help="stop after this many processed frames")
+    ctl.add_argument(
+        "--max-frames", type=positive_int, default=None, help="stop after this many processed frames"
+    )
     ctl.add_argument("--quiet", action="store_true", help="no status line every second")
     ctl.add_argument(
         "--sync-audit",
@@ -992,14 +1013,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``ultramotion-igt serve``: run the gateway until SIGINT/SIGTERM, --duration or --max-frames."""
     from UltramotionIGTLib.core.device import resolve_device
-    from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
     from UltramotionIGTLib.tools.options import pipeline_config_from_args, resolve_model_source
 
     if not logging.getLogger().handlers:  # connection events are log lines: show them
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = pipeline_config_from_args(args)
-    device = resolve_device(config.device)
     models = resolve_model_source(args)
+    config = pipeline_config_from_args(args, source=models)
+    device = resolve_device(config.device)
+    record: Any = None
+    if args.record is not None:  # checked and locked before anything heavy (models, the recording)
+        from UltramotionIGTLib.tools.outputs import OutputFolder
+
+        record = OutputFolder.open(args.record, args.overwrite, inputs=(args.replay, models.sam))
+    try:
+        return _serve(args, models, config, device, record)
+    finally:
+        if record is not None:
+            record.release(keep_empty=True)
+
+
+def _serve(args: argparse.Namespace, models: Any, config: Any, device: Any, record: Any) -> int:
+    from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
+
     simulator = None
     if args.replay:
         from UltramotionIGTLib.io import read_sequence
@@ -1026,7 +1061,8 @@ def run(args: argparse.Namespace) -> int:
         input_name=args.input_name,
         output_name=args.output_name,
         pose_transform=args.pose_transform,
-        record_dir=args.record,
+        record_dir=record,
+        record_overwrite=args.overwrite,
         sync_audit=args.sync_audit,
         send_timeout_s=args.send_timeout,
     )

@@ -427,26 +427,14 @@ def acquisition_timestamp(node: Any, attribute_names: Sequence[str] = TIMESTAMP_
 # -- segmentation ---------------------------------------------------------------------------------
 
 
-def unique_segment_names(result: HostResult) -> list[str]:
-    """Segment ids/names for a result's targets: ``vessel-3`` per track; duplicates (untracked
-    targets of one class are all named ``vessel``) get ``_2``, ``_3`` ... in row order."""
-    names = result.segment_names()
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        count = seen.get(name, 0) + 1
-        seen[name] = count
-        out.append(name if count == 1 else f"{name}_{count}")
-    return out
-
-
 class SegmentationWriter:
     """Writes `HostResult` masks into a segmentation node, one segment per target, in place.
 
     ``segmentation_node``: vtkMRMLSegmentationNode (in a scene or not). ``reference``: the frame's
-    `FrameGeometry` or the volume node the masks were computed from. Segment ids and names are the
-    targets' stable names (``vessel-3``; see `unique_segment_names`), colours come from
-    `HostResult.segment_colors` (one per class).
+    `FrameGeometry` or the volume node the masks were computed from. Segments follow the one naming
+    rule (`UltramotionIGTLib.core.packet.segment_name`): one per tracked target (``vessel-3``), one per
+    class for its untracked detections (``vessel-untracked``, their masks merged), as
+    `HostResult.segments` gives them; colours are the class colours.
 
     Each segment owns one vtkOrientedImageData (uint8, 0/1, label value 1) with the frame's extent
     and IJK-to-RAS; ``write`` copies each mask into it and marks it modified. Images of disappeared
@@ -539,10 +527,10 @@ class SegmentationWriter:
             segment.AddRepresentation(BINARY_LABELMAP, image)
 
     def write(self, result: HostResult) -> list[str]:
-        """Make the segmentation show ``result``: one segment per target, others removed.
+        """Make the segmentation show ``result``: its segments (`HostResult.segments`), others removed.
 
         ``result.masks``: MxHxW bool/uint8, H and W equal to the reference geometry's. Returns the
-        segment ids in target order.
+        segment ids in `HostResult.segments` order.
         """
         masks = np.asarray(result.masks)
         h, w = self.geometry.shape
@@ -551,24 +539,24 @@ class SegmentationWriter:
                 f"masks of shape {masks.shape} do not match the frame geometry (M x {h} x {w}): "
                 "was the result computed on another frame?"
             )
-        names = unique_segment_names(result)
-        colors = result.segment_colors()
+        segments = result.segments()
+        names = [name for name, _, _ in segments]
         segmentation = self.segmentation_node.GetSegmentation()
         keep = set(names)
         for segment_id in [s for s in self._images if s not in keep]:
             self._pool.append(self._images.pop(segment_id))
             if segmentation.GetSegment(segment_id) is not None:
                 segmentation.RemoveSegment(segment_id)
-        for row, segment_id in enumerate(names):
+        for segment_id, color, mask in segments:
             entry = self._images.get(segment_id)
             segment = segmentation.GetSegment(segment_id)
             if entry is None:
                 entry = self._pool.pop() if self._pool else self._allocate(self.geometry)
                 self._images[segment_id] = entry
             image, view = entry
-            np.copyto(view, masks[row], casting="unsafe")
+            np.copyto(view, mask, casting="unsafe")
             if segment is None:
-                segmentation.AddEmptySegment(segment_id, segment_id, list(colors[row]))
+                segmentation.AddEmptySegment(segment_id, segment_id, list(color))
                 segmentation.GetSegment(segment_id).SetTag(SEGMENT_TAG, "1")
                 self._attach(segment_id, image)
             elif segment.GetRepresentation(BINARY_LABELMAP) is not image:
@@ -601,7 +589,7 @@ class TargetPointsWriter:
     def write(self, result: HostResult) -> int:
         """Returns the number of points written."""
         centroids = np.asarray(result.centroids, dtype=np.float64).reshape(-1, 2)
-        names = unique_segment_names(result)
+        names = result.segment_names()
         finite = np.isfinite(centroids).all(axis=1)
         ras = self.geometry.pixel_to_ras(centroids[finite]) if finite.any() else np.zeros((0, 3))
         labels = [name for name, ok in zip(names, finite, strict=True) if ok]

@@ -9,10 +9,17 @@ A command's module is imported, and its ``configure`` called, only when that com
 (`CommandParser`), so ``ultramotion-igt --help`` and ``ultramotion-igt run --help`` import neither
 torch nor transformers; command modules import them inside ``run``.
 
-Exit status, decided here and nowhere else: what ``run`` returns (0, or 1 for a negative verdict:
-a failed doctor check, ``evaluate --strict`` under a bar, audit findings with ``--fail-on``); 2 for a
-usage error (argparse's message) or an `UltramotionError` (``ultramotion-igt CMD: error: <one
-line>`` on stderr); 130 on Ctrl-C. Any other exception is a bug and keeps its traceback.
+The error contract, decided here and nowhere else (docs/errors_and_intensity.md):
+
+- exit 0, or 1 for a negative verdict (a failed doctor check, ``evaluate --strict`` under a bar, audit
+  findings with ``--fail-on``): what the command's ``run`` returns;
+- exit 2 for bad input: a usage error (argparse's message) or an `UltramotionError` (bad file,
+  option combination, model file, device, output folder): ``ultramotion-igt CMD: error: <one line>``
+  on stderr, no traceback. Commands raise these before any heavy work where they can (paths,
+  options and model files are checked before models load);
+- exit 130 on Ctrl-C (``ultramotion-igt CMD: interrupted``; a run's outputs are then marked partial);
+- exit 141 when the reader of stdout went away (``audit | head -1``): quietly, as a killed pipe;
+- any other exception is a bug: its traceback, then one line saying so (exit 1).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any
 PROG = "ultramotion-igt"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a C tool whose reader went away
+EXIT_BUG = 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,11 @@ COMMANDS: tuple[Command, ...] = (
                 "slicer",
                 "main-thread time of the threaded live session vs the pipeline (slicer-core)",
                 f"{_LIB}.tools.benchmarks.slicer_live",
+            ),
+            Command(
+                "soak",
+                "a long phantom run through run's frame loop: memory at start vs end, every frame kept",
+                f"{_LIB}.tools.benchmarks.soak",
             ),
         ),
     ),
@@ -215,10 +229,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help, --version (0) and argparse's usage errors (2, message printed)
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         command = f"{PROG} {args._command}"
-        return int(args._run(args))
+        status = int(args._run(args))
+        sys.stdout.flush()  # inside the try: a reader that went away is reported here, not at exit
+        return status
     except UltramotionError as exc:
         print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:  # noqa: BLE001 - the contract: anything else is a bug, and says so
+        import traceback
+
+        traceback.print_exc()
+        print(
+            f"{command}: internal error ({type(exc).__name__}): this is a bug in UltramotionIGT, not a "
+            "problem with your input; please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe
+    (the recipe of Python's signal documentation, "Note on SIGPIPE")."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured in tests)
+        pass

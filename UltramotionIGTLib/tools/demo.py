@@ -39,29 +39,46 @@ def demo_sequence(n_frames: int, seed: int | None = None):
     return sequence, truth
 
 
-def sequence_dice(
-    results: Sequence[Any], truth: Sequence[Any], class_names: Sequence[str]
-) -> dict[str, float]:
+class SequenceDice:
     """Mean Dice per class over frames where the class is predicted or present (union of masks), the
-    rule of `evaluate.class_union_dice`; ``"mean"`` is over all (frame, class) pairs."""
-    from UltramotionIGTLib.tools.evaluate import class_union_dice
+    rule of `evaluate.class_union_dice`, accumulated frame by frame (no result is kept);
+    ``"mean"`` is over all (frame, class) pairs. Call `add` per frame, then `summary`."""
 
-    per_class: dict[str, list[float]] = {name: [] for name in class_names}
-    for result, frame in zip(results, truth, strict=True):
+    def __init__(self, truth: Sequence[Any], class_names: Sequence[str]) -> None:
+        self.truth = truth
+        self.class_names = list(class_names)
+        self.per_class: dict[str, list[float]] = {name: [] for name in class_names}
+
+    def add(self, index: int, result: Any) -> None:
+        from UltramotionIGTLib.tools.evaluate import class_union_dice
+
+        frame = self.truth[index]
         shape = frame.image.shape
         scores = class_union_dice(
             result.masks.reshape(-1, *shape),
             result.labels,
             np.asarray(frame.masks, bool).reshape(-1, *shape),
             frame.labels,
-            num_classes=len(class_names),
+            num_classes=len(self.class_names),
         )
         for c, value in scores.items():
-            per_class[class_names[c]].append(value)
-    out = {name: float(np.mean(v)) for name, v in per_class.items() if v}
-    every = [d for v in per_class.values() for d in v]
-    out["mean"] = float(np.mean(every)) if every else float("nan")
-    return out
+            self.per_class[self.class_names[c]].append(value)
+
+    def summary(self) -> dict[str, float]:
+        out = {name: float(np.mean(v)) for name, v in self.per_class.items() if v}
+        every = [d for v in self.per_class.values() for d in v]
+        out["mean"] = float(np.mean(every)) if every else float("nan")
+        return out
+
+
+def sequence_dice(
+    results: Sequence[Any], truth: Sequence[Any], class_names: Sequence[str]
+) -> dict[str, float]:
+    """`SequenceDice` over a list of results (frame n of ``results`` against ``truth[n]``)."""
+    dice = SequenceDice(truth, class_names)
+    for index, result in enumerate(results):
+        dice.add(index, result)
+    return dice.summary()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +90,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "kpi.jsonl, summary.json, overlay.png and overlay.gif into --out and prints the end-to-end Dice "
         "against the phantom's exact masks."
     )
-    parser.add_argument("--out", default="out/demo", metavar="DIR", help="output folder (default out/demo)")
+    parser.add_argument(
+        "--out",
+        default="out/demo",
+        metavar="DIR",
+        help="output folder (default out/demo; refused when it holds an earlier run's results, see --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --out"
+    )
     parser.add_argument(
         "--frames",
         type=positive_int,
@@ -98,29 +123,36 @@ def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.device import resolve_device
     from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
     from UltramotionIGTLib.tools.options import pipeline_config_from_args, resolve_model_source
+    from UltramotionIGTLib.tools.outputs import OutputFolder
     from UltramotionIGTLib.tools.run import _summary_line, process_sequence
     from UltramotionIGTLib.tools.training.common import write_json
 
     source = resolve_model_source(args)
     device = resolve_device(args.device)
-    config = pipeline_config_from_args(args, device=str(device))
-    detector, segmenter = source.load(device)
-    pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
-    sequence, truth = demo_sequence(args.frames, args.seed)
+    config = pipeline_config_from_args(args, source=source, device=str(device))
     out = Path(args.out)
+    folder = OutputFolder.open(out, args.overwrite, inputs=(source.sam,))
+    try:
+        detector, segmenter = source.load(device)
+        pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+        sequence, truth = demo_sequence(args.frames, args.seed)
+    except BaseException:
+        folder.release()
+        raise
+    dice = SequenceDice(truth, pipeline.class_names)
     summary = process_sequence(
         pipeline,
         sequence.frames,
         sequence.timestamps,
         sequence,
-        out,
+        folder,
         progress=not args.quiet,
         source=sequence.metadata["source"],
         gif=True,
         sync_audit=args.sync_audit,
-        keep_results=True,
+        on_result=dice.add,
     )
-    quality = sequence_dice(summary.pop("results"), truth, pipeline.class_names)
+    quality = dice.summary()
     summary["ground_truth_dice"] = quality
     summary["model_pack"] = str(source.pack) if source.pack is not None else None
     summary["models"] = source.describe()

@@ -62,6 +62,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` of a count that may be 0 (warm-up frames, held-out frames)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse ``type`` of a number within [0, 1] (score thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {text}")
+    return value
+
+
 def add_device_argument(parser: Any, help_extra: str = "") -> None:
     """``--device`` (default ``auto``) on ``parser`` (a parser or an argument group)."""
     parser.add_argument(
@@ -177,13 +199,24 @@ def _pack_source(pack: str, packs: Any) -> ModelSource:
         root = packs.extract_pack_zip(path, Path(keep.name))
     else:
         root = packs.resolve_pack(pack)
-    manifest = packs.read_manifest(root)
-    det, seg = manifest.model("detector"), manifest.model("segmenter")
-    for role, spec in (("detector", det), ("segmenter", seg)):
-        if spec is None:
-            raise CheckpointError(f"pack {manifest.name!r} at {root} has no {role}; the pipeline needs both")
+    zip_path = path if keep is not None else None
+    with packs.naming_the_zip(root if keep is not None else None, zip_path):
+        manifest = packs.read_manifest(root)
+        det, seg = manifest.model("detector"), manifest.model("segmenter")
+        for role, spec in (("detector", det), ("segmenter", seg)):
+            if spec is None:
+                raise CheckpointError(
+                    f"pack {manifest.name!r} at {root} has no {role}; the pipeline needs both"
+                )
     return ModelSource(
-        root / det.path, root / seg.path, seg.model_type or "auto", "pack", root, manifest.name, keep
+        root / det.path,
+        root / seg.path,
+        seg.model_type or "auto",
+        "pack",
+        root,
+        manifest.name,
+        keep,
+        zip_path,
     )
 
 
@@ -207,20 +240,24 @@ def add_pipeline_arguments(parser: Any) -> None:
     group = parser.add_argument_group("pipeline")
     group.add_argument(
         "--score-threshold",
-        type=float,
+        type=unit_interval,
         default=0.3,
         metavar="S",
         help="detections scoring below S are not prompted (default 0.3)",
     )
     group.add_argument(
         "--max-targets",
-        type=int,
+        type=positive_int,
         default=4,
         metavar="N",
-        help="at most N box prompts per class per frame, best first after NMS (default 4)",
+        help="at most N box prompts per class per frame, best first after NMS (default 4; at most the "
+        "detector's query count, the boxes it proposes per frame)",
     )
     group.add_argument(
-        "--no-track", action="store_true", help="no tracker: target ids are not kept across frames"
+        "--no-track",
+        action="store_true",
+        help="no tracker: targets get no id, so each class's detections of a frame go to one segment "
+        "'<class>-untracked' (with tracking: one segment per target, '<class>-<id>')",
     )
     group.add_argument(
         "--legacy",
@@ -230,10 +267,37 @@ def add_pipeline_arguments(parser: Any) -> None:
     )
 
 
-def pipeline_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
-    """A `PipelineConfig` from `add_pipeline_arguments` and ``--device``; UsageError for bad values."""
+def detector_query_count(detector: Any) -> int | None:
+    """The boxes a D-FINE folder's model proposes per frame (``num_queries`` of its config.json, read
+    without torch), None when the folder does not say (the model load reports a bad folder)."""
+    import json
+
+    if detector is None:
+        return None
+    try:
+        config = json.loads((Path(detector) / "config.json").read_text(encoding="utf-8"))
+        return int(config["num_queries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pipeline_config_from_args(
+    args: argparse.Namespace, source: ModelSource | None = None, **overrides: Any
+) -> Any:
+    """THE place where the pipeline options become a `PipelineConfig` (with ``--device``).
+
+    ``source``: the models, when known: ``--max-targets`` is bounded by the detector's query count
+    (more prompt slots could never be filled; each costs an HxW mask per frame, so an unbounded value
+    exhausts memory). Raises `UsageError` for values the config refuses.
+    """
     from UltramotionIGTLib.core.pipeline import PipelineConfig
 
+    queries = detector_query_count(source.detector) if source is not None else None
+    if queries is not None and args.max_targets > queries:
+        raise UsageError(
+            f"--max-targets {args.max_targets}: the detector proposes {queries} boxes per frame (its query "
+            f"count), so at most {queries} targets per class can be prompted"
+        )
     values = {
         "device": args.device,
         "score_threshold": args.score_threshold,

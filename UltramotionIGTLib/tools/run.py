@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
+import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from UltramotionIGTLib.errors import UltramotionError
 from UltramotionIGTLib.tools.options import (
@@ -22,80 +26,86 @@ from UltramotionIGTLib.tools.options import (
     resolve_model_source,
 )
 
+if TYPE_CHECKING:
+    from UltramotionIGTLib.tools.outputs import OutputFolder
+
+LOG = logging.getLogger(__name__)
+
 OUTPUT_FILES = ("segmentation.seq.nrrd", "kpi.jsonl", "summary.json", "overlay.png")
 
 
 def process_sequence(
     pipeline: Any,
-    frames: Any,
-    timestamps: Any,
+    frames: Iterable[Any],
+    timestamps: Iterable[Any] | None,
     reference: Any,
-    out_dir: str | Path,
+    out_dir: str | Path | OutputFolder,
     progress: bool = True,
     source: str = "",
     gif: bool = False,
     sync_audit: bool = False,
-    keep_results: bool = False,
+    on_result: Callable[[int, Any], None] | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[Any] = (),
+    intensity_window: Any = None,
+    n_frames: int | None = None,
 ) -> dict[str, Any]:
-    """Run every frame through ``pipeline`` and write the standard outputs into ``out_dir``.
+    """Run every frame through ``pipeline`` and write the outputs into ``out_dir`` AS FRAMES ARE
+    PROCESSED (`UltramotionIGTLib.tools.outputs`): memory stays flat however long the recording.
+
+    frames: the input frames (a sequence, or any iterable with ``n_frames``), HxW or HxWx3 of any
+    real pixel type (mapped by the pipeline's one intensity mapping, `core.intensity`; the window the
+    data states goes in as ``intensity_window``, an `IntensityWindow`). timestamps: seconds per frame
+    (None, or NaN entries: none). reference: the input's geometry (`UltrasoundSequence` / `Geometry`),
+    which every segmentation item gets. out_dir: a folder (checked, locked and refused when it holds
+    earlier results unless ``overwrite``; ``inputs`` are never overwritten) or an `OutputFolder`
+    already opened (``run`` opens it before loading models).
 
     Outputs: segmentation.seq.nrrd (one labelmap per input frame, the input's geometry, one segment
-    per tracked target), kpi.jsonl, summary.json, overlay.png (and overlay.gif when ``gif``).
-    ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler): each frame's
-    KPI record gets ``host_syncs``/``declared_hops`` and the summary ``host_syncs_per_frame`` and
-    ``declared_hops_per_frame``. Off (the default), no audit is created and those fields are absent.
-    Returns the summary dict (with the `HostResult` list under ``"results"`` when ``keep_results``;
-    it is not written to summary.json).
+    per tracked target and one per class for the untracked detections; label values stable for the
+    run, uint8 then uint16/uint32 past 255/65535 segments; index values the timestamps, made distinct
+    for Slicer with the fix-ups reported), kpi.jsonl, summary.json (``complete``, the intensity
+    window, skipped frames...), overlay.png (a bounded sample of frames) and overlay.gif (the first 40
+    frames) when ``gif``. A frame with no finite pixel is reported (``skipped``) and gets an empty
+    labelmap. ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler): each
+    frame's KPI record gets ``host_syncs``/``declared_hops`` and the summary ``host_syncs_per_frame``
+    and ``declared_hops_per_frame``; off (the default), those fields are absent. ``on_result``:
+    called with (frame index, `HostResult`) for each processed frame (nothing else keeps results).
+
+    Ctrl-C or an error mid-run: the outputs are finished with the frames done, summary.json says
+    ``"complete": false`` and why, and the exception goes on. Returns the summary written.
     """
     from tqdm import tqdm
 
-    from UltramotionIGTLib.core.kpi import (
-        FanoutKpiSink,
-        JsonlKpiSink,
-        KpiAggregator,
-        safe_log_kpi,
-    )
-    from UltramotionIGTLib.core.packet import SegmentTable
-    from UltramotionIGTLib.io import write_segmentation_sequence
-    from UltramotionIGTLib.tools.overlay import save_overlay_gif, save_overlay_grid
+    from UltramotionIGTLib.core.kpi import KpiAggregator
+    from UltramotionIGTLib.core.packet import UNTRACKED, SegmentTable
+    from UltramotionIGTLib.errors import CheckpointError
+    from UltramotionIGTLib.io.segmentation import check_segment_name
+    from UltramotionIGTLib.tools.outputs import OutputFolder, RunRecorder
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = JsonlKpiSink(out / "kpi.jsonl")
-    kpi = KpiAggregator(window=None)
-    sink = FanoutKpiSink(jsonl, kpi)
-    pipeline.reset()
+    n = int(n_frames) if n_frames is not None else len(frames)  # type: ignore[arg-type]
+    for name in pipeline.class_names:
+        try:
+            check_segment_name(f"{name}-untracked")
+        except ValueError as exc:
+            raise CheckpointError(
+                f"the detector's class name {name!r} cannot name a segment: {exc}"
+            ) from None
+    folder = out_dir if isinstance(out_dir, OutputFolder) else OutputFolder.open(out_dir, overwrite, inputs)
+    pipeline.reset(intensity_window)
     table = SegmentTable()
-    labelmaps, results = [], []
-    n = len(frames)
-    t_start = time.perf_counter()
+    kpi = KpiAggregator(window=None)
+    stamps = iter(timestamps) if timestamps is not None else itertools.repeat(None)
     try:
-        safe_log_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}, sink)
-        bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
-        audit_context: Any = nullcontext()
-        if sync_audit:
-            from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+        recorder = RunRecorder(folder, source, pipeline.describe(), geometry=reference, frames=n, gif=gif)
+    except BaseException:
+        folder.release(keep_empty=True)
+        raise
+    state = {"processed": 0, "t_start": time.perf_counter()}
 
-            audit_context = RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
-        with audit_context as audit:
-            for result, _record in pipeline.run(frames, timestamps, audit=audit, sink=sink):
-                labelmaps.append(table.labelmap(result))
-                results.append(result)
-                bar.update(1)
-        bar.close()
-        wall_s = time.perf_counter() - t_start
-        import numpy as np
-
-        write_segmentation_sequence(
-            out / "segmentation.seq.nrrd",
-            np.stack(labelmaps),
-            reference,
-            segments=table.segments(),
-            timestamps=timestamps,
-        )
-        save_overlay_grid(out / "overlay.png", frames, results)
-        if gif:
-            save_overlay_gif(out / "overlay.gif", frames, results)
+    def summary() -> dict[str, Any]:
+        wall_s = time.perf_counter() - state["t_start"]
+        processed = state["processed"]
         syncs = (
             {
                 "host_syncs_per_frame": kpi.host_syncs_per_frame(),
@@ -104,27 +114,72 @@ def process_sequence(
             if sync_audit
             else {}
         )
-        summary = {
+        return {
             "source": source,
             "device": str(pipeline.device),
             "path": pipeline.path,
             "frames_in": n,
-            "frames_out": len(results),
-            "dropped": n - len(results),
+            "frames_out": recorder.items,
+            "frames_processed": processed,
+            "dropped": n - recorder.items,
             "wall_s": wall_s,
-            "fps": len(results) / wall_s if wall_s > 0 else None,
+            "fps": processed / wall_s if wall_s > 0 else None,
             "latency_ms": {**kpi.stage_ms(), "end_to_end": kpi.end_to_end_ms()},
             **syncs,
-            "segments": [{"value": v, "name": name, "color": list(c)} for v, name, c in table.segments()],
-            "outputs": sorted(p.name for p in out.iterdir()) + ["summary.json"],
+            "intensity": pipeline.intensity.describe(),
+            "segments": [
+                {"value": v, "name": name, "color": list(c), "untracked": name.endswith(f"-{UNTRACKED}")}
+                for v, name, c in table.segments()
+            ],
+            "naming": NAMING_RULE,
         }
-        safe_log_kpi({"event": "summary", **summary}, sink)
-    finally:
-        jsonl.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if keep_results:
-        summary["results"] = results
-    return summary
+
+    bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
+    try:
+        audit_context: Any = nullcontext()
+        if sync_audit:
+            from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+
+            audit_context = RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
+        with audit_context as audit:
+            current: list[Any] = [None]  # the frame whose result `pipeline.run` yields next
+
+            def numbered() -> Iterator[Any]:
+                for frame in itertools.islice(frames, n):
+                    current[0] = frame
+                    yield frame
+
+            def skipped(index: int, timestamp: float | None, frame: Any, exc: Exception) -> None:
+                LOG.warning("frame %d skipped: %s", index, exc)
+                recorder.skip(index, timestamp, str(exc))
+                recorder.add_item(np.zeros(np.shape(frame)[:2], np.uint8), timestamp, table.segments())
+                bar.update(1)
+
+            for result, record in pipeline.run(
+                numbered(), itertools.islice(stamps, n), audit=audit, sink=kpi, on_skip=skipped
+            ):
+                if audit is not None:  # counts are in the records: keep no frame's events
+                    del audit.frames[:-1]
+                    del audit.events[:]
+                recorder.log(record)
+                recorder.add_item(table.labelmap(result), result.timestamp, table.segments())
+                recorder.sample(current[0], result)
+                state["processed"] += 1
+                if on_result is not None:
+                    on_result(result.frame_index, result)
+                bar.update(1)
+    except BaseException as exc:
+        bar.close()
+        recorder.close_partial(summary(), exc)
+        raise
+    bar.close()
+    return recorder.close(summary())
+
+
+NAMING_RULE = (
+    "one segment per tracked target, '<class>-<id>'; one segment per class, '<class>-untracked', for "
+    "the detections without a track id in a frame (tentative targets, or all of them with tracking off)"
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +192,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "synthetic phantom only, so using it on a real recording is a choice, not a default."
     )
     parser.add_argument("--input", required=True, metavar="FILE", help="recording, image or .npy file")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (created; refused when it holds an earlier run's results, see --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (its files are removed when this run starts)",
+    )
     parser.add_argument(
         "--max-frames", type=positive_int, default=None, metavar="N", help="only the first N frames"
     )
@@ -154,28 +219,42 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every check that needs no model comes first (options, --out, the recording and its frames),
+    then the models load, then the frames run (`process_sequence`)."""
     from UltramotionIGTLib.core.device import resolve_device
+    from UltramotionIGTLib.core.intensity import IntensityWindow
+    from UltramotionIGTLib.core.pipeline import check_frame_shape
     from UltramotionIGTLib.io import read_sequence
     from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
+    from UltramotionIGTLib.tools.outputs import OutputFolder
 
     source = resolve_model_source(args)
-    config = pipeline_config_from_args(args)
+    config = pipeline_config_from_args(args, source=source)
     device = resolve_device(config.device)  # fail fast, before reading anything large
-    sequence = read_sequence(args.input)
-    if args.max_frames is not None:
-        sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
-    detector, segmenter = source.load(device)
-    pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+    folder = OutputFolder.open(args.out, args.overwrite, inputs=(args.input, source.sam))
+    try:
+        sequence = read_sequence(args.input, intensity="keep")  # the pipeline maps intensities
+        if args.max_frames is not None:
+            sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
+        check_frame_shape(sequence.frames.shape[1:])
+        stated = sequence.metadata.get("intensity_window")
+        window = IntensityWindow.stated(stated[0], stated[1], str(sequence.frames.dtype)) if stated else None
+        detector, segmenter = source.load(device)
+        pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+    except BaseException:
+        folder.release()
+        raise
     summary = process_sequence(
         pipeline,
         sequence.frames,
         sequence.timestamps,
         sequence,
-        args.out,
+        folder,
         progress=not args.quiet,
         source=str(args.input),
         gif=args.gif,
         sync_audit=args.sync_audit,
+        intensity_window=window,
     )
     print(_summary_line(summary, args.out))
     return 0
@@ -192,6 +271,11 @@ def _summary_line(summary: dict[str, Any], out: str | Path) -> str:
         parts.append(f"end-to-end p50 {p50:.1f} ms")
     if summary.get("host_syncs_per_frame") is not None:
         parts.append(f"{summary['host_syncs_per_frame']:.1f} host syncs/frame")
+    if summary.get("skipped"):
+        parts.append(f"{len(summary['skipped'])} frame(s) skipped (no finite pixel)")
+    fixups = (summary.get("segmentation") or {}).get("index_fixups") or []
+    if fixups:
+        parts.append(f"{len(fixups)} repeated timestamp(s) moved in the index")
     return ", ".join(parts) + f" -> {out}"
 
 

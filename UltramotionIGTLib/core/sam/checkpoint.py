@@ -58,6 +58,7 @@ from UltramotionIGTLib.core.sam.config import (
     get_sam_config,
     infer_sam_config,
 )
+from UltramotionIGTLib.core.weights import check_finite_weights
 from UltramotionIGTLib.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "ultramotion-igt/sam"
@@ -103,6 +104,12 @@ def _sniff_format(path: Path) -> str:
 def _read_torch_state_dict(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The state dict of a torch file and the sorted top-level keys of the dict it was wrapped in
     (``()`` for a plain state dict)."""
+    if path.suffix.lower() == ".safetensors":
+        # torch.load would hand the file to safetensors by its name and report a misleading error
+        raise CheckpointError(
+            f"SAM checkpoint {path} is a PyTorch checkpoint (torch.save format), not safetensors, although "
+            "it is named .safetensors: rename it to .pth"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -425,6 +432,7 @@ def load_sam_with_config(
     state_dict, config = resolve_sam_checkpoint(path, model_type)
     model = build_sam_model(config)
     _check_state_dict(model, state_dict, config, path)
+    check_finite_weights(state_dict.items(), f"SAM checkpoint {path}")
     model.load_state_dict(state_dict, strict=True)
     model.sam_config = config
     # eval() after loading: TinyViT caches its attention biases from the weights in eval().

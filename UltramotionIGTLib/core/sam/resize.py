@@ -23,9 +23,13 @@ _PIL_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit res
 
 
 def get_preprocess_shape(old_h: int, old_w: int, long_side: int) -> tuple[int, int]:
-    """(new_h, new_w) with the longest side ``long_side``; same rounding as `ResizeLongestSide`."""
+    """(new_h, new_w) with the longest side ``long_side``; same rounding as `ResizeLongestSide`, but
+    never 0: a side that would round to 0 (aspect beyond 2 x ``long_side`` : 1) is 1 pixel.
+    `ValueError` for an empty image."""
+    if min(old_h, old_w) < 1:
+        raise ValueError(f"cannot resize an image of {old_h} x {old_w} pixels")
     scale = long_side * 1.0 / max(old_h, old_w)
-    return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+    return max(1, int(old_h * scale + 0.5)), max(1, int(old_w * scale + 0.5))
 
 
 def _pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:

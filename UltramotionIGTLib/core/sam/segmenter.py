@@ -218,24 +218,46 @@ class SamSegmenter:
     ) -> SamOutput:
         """Masks for N box prompts on the current image, in one batched decoder call.
 
-        ``boxes``: Nx4 XYXY in pixels of the original image (N may be 0), on ``self.device``;
-        non-finite coordinates are replaced by 0 so that dummy rows cannot poison the batch.
-        ``valid``: optional N bool on the device; rows that are False come back with an empty mask,
-        zero probabilities and zero IoU (for a fixed number of prompts with some unused).
-        ``multimask_output``: the decoder predicts 3 masks per box and the one with the highest
-        predicted IoU is returned. ``as_numpy``: the legacy path, numpy outputs (host copies).
-        Returns `SamOutput` at the original image size.
+        Contract:
+
+        - ``boxes``: Nx4 XYXY in pixels of the original image, a tensor (any device: moved to
+          ``self.device``), numpy array or nested list; one box may be given as 4 numbers; N may be
+          0 (``[]``, an empty array or an empty 0x4 tensor all give N = 0).
+        - A box is a *valid prompt* when its 4 coordinates are finite, ``x2 > x1`` and ``y2 > y1``
+          (positive area) and it overlaps the image (``x2 > 0``, ``y2 > 0``, ``x1 < W``, ``y1 < H``).
+          Reversed, zero-area, NaN/infinite and off-image boxes are invalid prompts: like rows whose
+          ``valid`` is False they come back with an empty mask, zero probabilities and zero IoU
+          (decided on the device, no host sync; non-finite coordinates are replaced by 0 before the
+          decoder so that they cannot poison the batch).
+        - ``valid``: optional N bool (any device); False rows are invalid prompts (for a fixed number
+          of prompts with some unused). `ValueError` when it does not hold exactly N values (it is
+          never broadcast).
+        - ``multimask_output``: the decoder predicts 3 masks per box and the one with the highest
+          predicted IoU is returned. ``as_numpy``: the legacy path, numpy outputs (host copies).
+
+        Returns `SamOutput` at the original image size: masks NxHxW bool, mask_probs NxHxW float32,
+        iou_scores N float32. Raises `RuntimeError` before `set_torch_image`, `ValueError` for boxes
+        that are not Nx4 (the shape in the message) or a ``valid`` of another length.
         """
         if self._features is None:
             raise RuntimeError("set an image with set_torch_image(...) before predicting masks")
         if not torch.is_tensor(boxes):
-            boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float64))
+            try:
+                boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float64))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"boxes must be Nx4 numbers (XYXY pixels): {exc}") from None
         boxes = boxes.to(self.device, non_blocking=True)
+        if boxes.numel() == 0 and boxes.ndim <= 2 and (boxes.ndim < 2 or boxes.shape[-1] in (0, 4)):
+            boxes = boxes.reshape(0, 4)
         if boxes.ndim == 1 and boxes.shape[0] == 4:
             boxes = boxes[None]
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"boxes must be Nx4 (XYXY pixels), got shape {tuple(boxes.shape)}")
         n = int(boxes.shape[0])
+        if valid is not None:
+            valid_shape = tuple(valid.shape) if hasattr(valid, "shape") else (len(valid),)
+            if valid_shape != (n,):
+                raise ValueError(f"valid must hold one bool per box ({n}), got shape {valid_shape}")
         if n == 0:
             return self._empty_output(as_numpy)
         with torch.inference_mode():
@@ -249,7 +271,18 @@ class SamSegmenter:
         new_h, new_w = self._input_size
         medsam = self.preprocessing == "medsam"
         # float64 like the official transforms (numpy), then float32 like their predictors.
-        corners = torch.nan_to_num(boxes.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0).reshape(-1, 2, 2)
+        xyxy = boxes.to(torch.float64)
+        x1, y1, x2, y2 = xyxy.unbind(dim=1)
+        prompt_ok = (
+            torch.isfinite(xyxy).all(dim=1)
+            & (x2 > x1)
+            & (y2 > y1)
+            & (x2 > 0)
+            & (y2 > 0)
+            & (x1 < old_w)
+            & (y1 < old_h)
+        )
+        corners = torch.nan_to_num(xyxy, nan=0.0, posinf=0.0, neginf=0.0).reshape(-1, 2, 2)
         if medsam:  # MedSAM: box / [W, H, W, H] * image_size
             x, y = corners[..., 0] / old_w * new_w, corners[..., 1] / old_h * new_h
         else:  # ResizeLongestSide.apply_boxes
@@ -280,11 +313,12 @@ class SamSegmenter:
             masks = logits > self.model.mask_threshold
             probs = logits.sigmoid_()  # in place: the logits are not returned, and NxHxW is the big buffer
         scores = iou[:, 0].to(torch.float32)
+        keep = prompt_ok
         if valid is not None:
-            keep = torch.as_tensor(valid).to(self.device, non_blocking=True).to(torch.bool).reshape(-1)
-            masks.logical_and_(keep[:, None, None])
-            probs.mul_(keep[:, None, None])
-            scores = scores * keep
+            keep = keep & torch.as_tensor(valid).to(self.device, non_blocking=True).to(torch.bool).reshape(-1)
+        masks.logical_and_(keep[:, None, None])
+        probs.mul_(keep[:, None, None])
+        scores = scores * keep
         return SamOutput(masks=masks, mask_probs=probs, iou_scores=scores)
 
     def segment(

@@ -34,7 +34,12 @@ _LIB_DIR = Path(__file__).resolve().parents[2]
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from UltramotionIGTLib.tools.audit.static import DEFAULT_ENTRIES, DEFAULT_NOT_HOT
-    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments, positive_int
+    from UltramotionIGTLib.tools.options import (
+        add_model_arguments,
+        add_pipeline_arguments,
+        non_negative_int,
+        positive_int,
+    )
 
     parser.description = (
         "GPU->CPU transfer audit. Static (default): scan Python files for explicit hops, implicit "
@@ -96,7 +101,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--frames", type=positive_int, default=120, metavar="N", help="frames counted (default 120)"
     )
     rt.add_argument(
-        "--warmup", type=int, default=1, metavar="N", help="frames run before counting starts (default 1)"
+        "--warmup",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="frames run before counting starts (default 1)",
     )
     rt.add_argument(
         "--input",

@@ -13,7 +13,7 @@ import numpy as np
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The model source (`options.add_model_arguments`, with ``--random-models``), ``--device`` and the
     frames of ``bench pipeline`` and ``bench sam``."""
-    from UltramotionIGTLib.tools.options import add_model_arguments, positive_int
+    from UltramotionIGTLib.tools.options import add_model_arguments, non_negative_int, positive_int
 
     add_model_arguments(parser, random_models=True)
     group = parser.add_argument_group("frames")
@@ -24,7 +24,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--frames", type=positive_int, default=40, metavar="N", help="measured frames per path (default 40)"
     )
     group.add_argument(
-        "--warmup", type=int, default=3, metavar="N", help="unmeasured warm-up frames per path (default 3)"
+        "--warmup",
+        type=non_negative_int,
+        default=3,
+        metavar="N",
+        help="unmeasured warm-up frames per path (default 3)",
     )
 
 

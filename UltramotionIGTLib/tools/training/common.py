@@ -213,7 +213,7 @@ def add_training_arguments(
     parser: Any, *, steps: int, batch_size: int, lr: float, checkpoint_every: int, heldout_frames: int = 200
 ) -> None:
     """The options every ``ultramotion-igt train ...`` command takes (defaults differ per model)."""
-    from UltramotionIGTLib.tools.options import add_device_argument, positive_int
+    from UltramotionIGTLib.tools.options import add_device_argument, non_negative_int, positive_int
 
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (resumed if it holds training-state.pt)"
@@ -252,7 +252,7 @@ def add_training_arguments(
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument(
         "--heldout-frames",
-        type=int,
+        type=non_negative_int,
         default=heldout_frames,
         metavar="N",
         help=f"held-out frames evaluated at the end; 0 skips it (default {heldout_frames})",
