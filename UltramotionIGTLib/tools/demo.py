@@ -104,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model_source(args)
     device = resolve_device(args.device)
     config = pipeline_config_from_args(args, device=str(device))
-    detector, segmenter = source.load(device)
-    pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+    pipeline = build_pipeline(*source.load(device), config, legacy=args.legacy)
     sequence, truth = demo_sequence(args.frames, args.seed)
     out = Path(args.out)
     summary = process_sequence(

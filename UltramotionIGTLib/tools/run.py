@@ -80,13 +80,17 @@ def process_sequence(
             from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
 
             audit_context = RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
+        if n:
+            pipeline.warmup(frames[0], progress=progress)  # precision check, compilation: before timing
         with audit_context as audit:
+            staged = pipeline.submit(frames[0]) if n else None
             for index in range(n):
                 t0 = time.perf_counter()
                 with audit.frame(index) if audit is not None else nullcontext():
-                    result = pipeline.process_frame(
-                        frames[index], index, _finite_or_none(stamps[index])
-                    ).to_host()
+                    packet = pipeline.process_frame(staged, index, _finite_or_none(stamps[index]))
+                    if index + 1 < n:  # the next frame's copy overlaps this frame's compute
+                        staged = pipeline.submit(frames[index + 1])
+                    result = packet.to_host()
                 wall_ms = (time.perf_counter() - t0) * 1000.0
                 syncs = audit.last_frame.kpi() if audit is not None else {}
                 safe_log_kpi(FrameRecord.from_result(result, wall_ms=wall_ms, **syncs), sink)
@@ -126,6 +130,7 @@ def process_sequence(
             "fps": len(results) / wall_s if wall_s > 0 else None,
             "latency_ms": {**kpi.stage_ms(), "end_to_end": kpi.end_to_end_ms()},
             **syncs,
+            "pipeline": {k: v for k, v in pipeline.describe().items() if k not in ("config", "class_names")},
             "segments": [{"value": v, "name": name, "color": list(c)} for v, name, c in table.segments()],
             "outputs": sorted(p.name for p in out.iterdir()) + ["summary.json"],
         }
@@ -183,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
     sequence = read_sequence(args.input)
     if args.max_frames is not None:
         sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
-    detector, segmenter = source.load(device)
-    pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+    # the pipeline alone holds the loaded models: a reduced-precision copy then replaces them
+    pipeline = build_pipeline(*source.load(device), config, legacy=args.legacy)
     summary = process_sequence(
         pipeline,
         sequence.frames,
