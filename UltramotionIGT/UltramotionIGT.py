@@ -98,6 +98,17 @@ class Device(enum.Enum):
         return {"auto": _("Auto (GPU if available)"), "cpu": _("CPU"), "cuda": _("CUDA GPU")}[self.value]
 
 
+class Precision(enum.Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    def label(self):
+        names = {"auto": _("Auto (fp16 on GPU, fp32 on CPU)"), "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+        return names[self.value]
+
+
 class SamType(enum.Enum):
     AUTO = "auto"
     VIT_T_DEMO = "vit_t_demo"
@@ -108,7 +119,11 @@ class SamType(enum.Enum):
     MEDSAM = "medsam"
 
     def label(self):
-        names = {"auto": _("Auto (from checkpoint)"), "vit_t": "vit_t (MobileSAM)", "medsam": "medsam (MedSAM)"}
+        names = {
+            "auto": _("Auto (from checkpoint)"),
+            "vit_t": "vit_t (MobileSAM)",
+            "medsam": "medsam (MedSAM)",
+        }
         return names.get(self.value, self.value)
 
 
@@ -143,6 +158,7 @@ class UltramotionIGTParameterNode:
     outputSegmentation - receives one segment per tracked target.
     detectorFolder / samCheckpoint / samType - the models (default: the shipped demo models).
     device - where the pipeline runs.
+    precision - numeric precision of the models (a model that loses accuracy in it stays in fp32).
     scoreThreshold / maxTargets - which detections are segmented (per class).
     mode - live (newest frame, drops counted) or replay (every frame of a sequence).
     dropPolicy / everyNth - how live mode keeps up with a fast producer.
@@ -158,6 +174,7 @@ class UltramotionIGTParameterNode:
     samCheckpoint: Path
     samType: SamType = SamType.AUTO
     device: Device = Device.AUTO
+    precision: Precision = Precision.AUTO
     scoreThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.3
     maxTargets: Annotated[int, WithinRange(1, 16)] = 4
     mode: Mode = Mode.LIVE
@@ -636,6 +653,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
 
         return PipelineConfig(
             device=parameterNode.device.value,
+            precision=parameterNode.precision.value,
             score_threshold=float(parameterNode.scoreThreshold),
             max_targets_per_class=int(parameterNode.maxTargets),
         )

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -383,10 +384,11 @@ class Pipeline:
         ref_det = ref_detector.run_inference_torch(image)
         det = self.detector.run_inference_torch(image)
         ref_p, p = prompts(ref_det, cfg.score_threshold), prompts(det, cfg.score_threshold)
-        box_px = acceleration.box_agreement(ref_p[0], ref_p[2], ref_p[3], p[0], p[2], p[3])
         score_diff = (ref_det.scores.sort().values - det.scores.sort().values).abs().max()
-        # SAM on the same prompts (every slot, so that a frame without targets still tests it)
+        # SAM on the same prompts: the frame's targets, else every slot (a frame without targets
+        # still tests it)
         boxes, _, _, slots = prompts(ref_det, -1.0)
+        slots = torch.where(ref_p[3].any(), ref_p[3], slots)
         ref_segmenter.set_torch_image(image)
         ref_masks = ref_segmenter.predict_boxes(boxes, valid=slots).masks
         self.segmenter.set_torch_image(image)
@@ -394,7 +396,13 @@ class Pipeline:
         iou_min = acceleration.mask_ious(ref_masks, masks).min()
         ref_segmenter.reset_image()
         with allowed_host_transfer("precision check (warm-up, once)"):
-            box_px, score_diff, iou_min = torch.stack([box_px, score_diff, iou_min]).float().tolist()
+            score_diff, iou_min = torch.stack([score_diff, iou_min]).float().tolist()
+            fields = ("boxes", "scores", "labels", "valid")
+            box_px = acceleration.agreement(
+                SimpleNamespace(**dict(zip(fields, ref_p, strict=True))),
+                SimpleNamespace(**dict(zip(fields, p, strict=True))),
+                cfg.score_threshold,
+            )["box_px"]
         name = acceleration.precision_name(self.dtype)
         if self.precision["detector"] != "fp32" and not (
             box_px <= acceleration.BOX_TOLERANCE_PX and score_diff <= acceleration.SCORE_TOLERANCE

@@ -234,6 +234,12 @@ def configure_make_test_models(parser: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="detector input size in pixels (default 256)",
     )
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="instead: random-weight models in the production architectures, for timing (D-FINE-S and -L "
+        "folders, SAM ViT-B 1024 and MobileSAM checkpoints; about 0.6 GB; tools/benchmarks/realsize.py)",
+    )
 
 
 def run_make_test_models(args: argparse.Namespace) -> int:
@@ -241,6 +247,15 @@ def run_make_test_models(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 
     out = Path(args.out)
+    if args.real_size:
+        from UltramotionIGTLib.tools.benchmarks.realsize import write_real_size_models
+
+        try:
+            written = write_real_size_models(out, seed=args.seed)
+        except OSError as exc:
+            raise UltramotionError(f"cannot write real-size test models into {out}: {exc}") from exc
+        print("\n".join(f"{name}: {path}" for name, path in written.items()))
+        return 0
     try:
         det = write_random_detector(out / "detector", image_size=args.image_size, seed=args.seed)
         sam = write_random_sam_checkpoint(

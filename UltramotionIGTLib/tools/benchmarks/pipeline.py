@@ -46,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_acceleration_arguments(group, precision_default=None)
     group.add_argument("--no-legacy", action="store_true", help="leave out the legacy column")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON report to FILE")
 
 
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -208,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
     }
     if "legacy" in report_paths:
         report["speedup_fps"] = base["fps"] / report_paths["legacy"]["fps"]
+    if args.json_out:
+        from pathlib import Path
+
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
