@@ -21,13 +21,10 @@ torch only; no host sync in anything the per-frame path calls.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
 import torch
-
-LOG = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
