@@ -503,8 +503,8 @@ class Pipeline:
             self.recompiles += compiled
             self.compile_stats["recompiles"] = self.recompiles
             LOG.warning(
-                "frame %d: torch.compile compiled %d graph(s) again (%d since warm-up): an input shape or "
-                "setting changed",
+                "frame %d: torch.compile compiled %d graph(s) again (%d since warm-up): an input shape, a "
+                "setting or a torch function the graphs guard on changed (the runtime audit wraps some)",
                 frame_index,
                 compiled,
                 self.recompiles,
