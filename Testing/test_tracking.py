@@ -174,7 +174,7 @@ def test_phantom_targets_keep_one_track_id():
 @pytest.mark.gpu
 def test_cuda_update_without_sync():
     rng = np.random.default_rng(7)
-    tracker = Tracker(device="cuda")
+    tracker = Tracker(device="cuda", cuda_graph=False)  # the eager update, kernel by kernel
     frames = [
         tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in f)
         for f in (_frame([(np.array([10.0, 10, 40, 40]) + i, 0, 0.9)], rng) for i in range(5))
@@ -196,8 +196,9 @@ def test_cuda_graph_mode_gives_the_same_ids_without_sync():
         tuple(t.cuda() for t in _frame([(b, lab, 0.9) for _, b, lab in dets], rng)[:4])
         for dets in _jittered_sequence(rng, n_frames=40)
     ]
-    eager = Tracker(device="cuda")
-    graphed = Tracker(device="cuda", cuda_graph=True)
+    eager = Tracker(device="cuda", cuda_graph=False)
+    graphed = Tracker(device="cuda")  # the default on CUDA: one graph replay per frame
+    assert graphed.cuda_graph and not Tracker(device="cpu").cuda_graph
     first = graphed.update(*frames[0])  # captures the graph (capture itself synchronises)
     assert torch.equal(first, eager.update(*frames[0]))
     torch.cuda.synchronize()

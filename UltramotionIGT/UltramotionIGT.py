@@ -118,6 +118,17 @@ class Device(enum.Enum):
         return {"auto": _("Auto (GPU if available)"), "cpu": _("CPU"), "cuda": _("CUDA GPU")}[self.value]
 
 
+class Precision(enum.Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    def label(self):
+        names = {"auto": _("Auto (fp16 on GPU, fp32 on CPU)"), "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+        return names[self.value]
+
+
 class SamType(enum.Enum):
     AUTO = "auto"
     VIT_T_DEMO = "vit_t_demo"
@@ -172,6 +183,7 @@ class UltramotionIGTParameterNode:
     outputSegmentation - receives one segment per tracked target.
     detectorFolder / samCheckpoint / samType - the models (default: the shipped demo models).
     device - where the pipeline runs.
+    precision - numeric precision of the models (a model that loses accuracy in it stays in fp32).
     scoreThreshold / maxTargets - which detections are segmented (per class).
     mode - live (newest frame, drops counted; the models run on a worker thread), replay (every
       frame of a sequence) or remote (label maps from ``ultramotion-igt serve``, no torch here).
@@ -198,6 +210,7 @@ class UltramotionIGTParameterNode:
     samCheckpoint: Path
     samType: SamType = SamType.AUTO
     device: Device = Device.AUTO
+    precision: Precision = Precision.AUTO
     scoreThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.3
     maxTargets: Annotated[int, WithinRange(1, 16)] = 4
     mode: Mode = Mode.LIVE
@@ -773,7 +786,7 @@ class UltramotionIGTLogic(ScriptedLoadableModuleLogic):
             "score_threshold": float(node.scoreThreshold),
             "max_targets_per_class": int(node.maxTargets),
         }
-        return models, PipelineConfig(device=node.device.value, **limits)
+        return models, PipelineConfig(device=node.device.value, precision=node.precision.value, **limits)
 
     def start(self, parameterNode) -> None:
         """Start as the node says (live, replay, remote gateway) into its output segmentation (created

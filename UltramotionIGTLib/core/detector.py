@@ -619,6 +619,45 @@ class DFineDetector:
         check_finite_weights(model.state_dict().items(), f"detector weights {weights_path}")
         return cls(model, preprocessing=preprocessing, device=target, channels_last=channels_last)
 
+    # ---------------------------------------------------------------- how the model runs
+
+    def with_precision(self, dtype: torch.dtype) -> DFineDetector:
+        """A copy whose feature extractor computes in ``dtype`` (float16/bfloat16/float32); this
+        detector is left as it is.
+
+        The backbone (HGNetV2), its input projections and the hybrid encoder -- the convolutions that
+        are most of D-FINE's arithmetic -- run in ``dtype``; the query selection, the decoder and the
+        heads run in float32 (their inputs are cast back at ``decoder_input_proj``). Why: D-FINE's
+        boxes come out of the decoder as sigmoid-normalised coordinates refined by distribution
+        integrals, and a bfloat16 value in 0..1 has steps of up to 1/256 -- up to 4 pixels of a 1024-px
+        frame -- while the decoder is a small share of the work (K queries, not the whole feature map).
+        The outputs (logits, boxes) are float32 as before.
+        """
+        import copy
+
+        from UltramotionIGTLib.core.acceleration import cast_inputs
+
+        twin = copy.deepcopy(self)
+        core = twin._model.model
+        for part in (core.backbone, core.encoder_input_proj, core.encoder):
+            part.to(dtype)
+        for proj in core.decoder_input_proj:
+            cast_inputs(proj, torch.float32)
+        twin._dtype = dtype
+        return twin
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the model input and of the feature extractor (`with_precision`)."""
+        return self._dtype
+
+    def compile(self, mode: str = "default") -> None:
+        """`torch.compile` the model in place with static shapes (the input is always ``input_size``);
+        compilation happens on the first call."""
+        from UltramotionIGTLib.core.acceleration import compile_module
+
+        compile_module(self._model, mode)
+
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write config.json, model.safetensors and preprocessor_config.json into ``folder``."""
         return save_detector_folder(self._model, folder, preprocessing=self._preprocessing)

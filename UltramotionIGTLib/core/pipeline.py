@@ -5,6 +5,11 @@ device with fixed shapes (K = classes x max_targets_per_class prompts, invalid o
 filtered on the host); `ResultPacket.to_host()` is the one device-to-host hop. Stage times come from
 `StageTimer` (CUDA events read back after that hop), in the order of `kpi.STAGES`.
 
+How the models run (`PipelineConfig` precision, attention, compile; `UltramotionIGTLib.core.acceleration`)
+is applied when the pipeline is built, on the pipeline's own copies of the models (the caller's are
+never changed), and checked on the first frame (`Pipeline.warmup`). `Pipeline.submit` starts the next
+frame's host-to-device copy on a transfer stream while the current frame computes.
+
 The in-house pipeline's habits (``gpu_resident=False`` / ``sam_as_numpy=True``: frame and boxes hop to
 the host, one SAM call per box, numpy mask weights) are not here: they live with the benchmarks that
 compare against them (`UltramotionIGTLib.tools.benchmarks.legacy.LegacyPipeline`).
@@ -12,17 +17,21 @@ compare against them (`UltramotionIGTLib.tools.benchmarks.legacy.LegacyPipeline`
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
+from UltramotionIGTLib.core import acceleration
 from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.hostsync import allowed_host_transfer
@@ -36,6 +45,8 @@ from UltramotionIGTLib.core.kpi import FrameRecord, KpiSink, StageTimer, safe_lo
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 
+LOG = logging.getLogger(__name__)
+
 
 @dataclass
 class PipelineConfig:
@@ -45,6 +56,13 @@ class PipelineConfig:
     (0..1). max_targets_per_class: prompt slots per class (K = classes x this). nms_iou: a prompt
     overlapping a higher-scoring one of its class by more IoU than this is dropped. track: assign
     stable target ids (`Tracker`); without it every target has id -1.
+
+    How the models run (see `UltramotionIGTLib.core.acceleration`): precision: ``auto | fp32 | fp16 |
+    bf16`` for the detector and SAM (auto: fp16 on CUDA, fp32 on CPU; a model whose reduced-precision
+    results break the parity rules on the first frame stays in fp32, with a warning). sam_attention:
+    ``auto | sdpa | explicit`` for SAM's ViT encoder (auto: sdpa on CUDA). compile: `torch.compile`
+    the detector and SAM's encoder and decoder (static shapes; compiled during `Pipeline.warmup`),
+    in ``compile_mode`` (``default``, ``reduce-overhead`` = with CUDA graphs, ``max-autotune``...).
     """
 
     device: str = "auto"
@@ -52,6 +70,10 @@ class PipelineConfig:
     max_targets_per_class: int = 4
     nms_iou: float = 0.6
     track: bool = True
+    precision: str = "auto"
+    sam_attention: str = "auto"
+    compile: bool = False
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.score_threshold) <= 1.0:
@@ -60,6 +82,24 @@ class PipelineConfig:
             raise ValueError(f"max_targets_per_class must be >= 1, got {self.max_targets_per_class}")
         if not 0.0 <= float(self.nms_iou) <= 1.0:
             raise ValueError(f"nms_iou must be in [0, 1], got {self.nms_iou}")
+        if str(self.precision).lower() not in acceleration.PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(acceleration.PRECISIONS)}, got {self.precision!r}"
+            )
+        if str(self.sam_attention).lower() not in acceleration.ATTENTIONS:
+            raise ValueError(
+                f"sam_attention must be one of {', '.join(acceleration.ATTENTIONS)}, got {self.sam_attention!r}"
+            )
+        if self.compile_mode not in acceleration.COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(acceleration.COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+
+    def build_settings(self) -> tuple[str, ...]:
+        """The settings that decide how the models are built (device, precision, attention, compilation):
+        a pipeline must be rebuilt when one of them changes; the others apply to a running one."""
+        compiled = f"compile:{self.compile_mode}" if self.compile else "eager"
+        return (str(self.device), str(self.precision), str(self.sam_attention), compiled)
 
 
 def _seconds_or_none(value: Any) -> float | None:
@@ -164,6 +204,28 @@ def prepare_inference_inputs(
     return tensor
 
 
+@dataclass(frozen=True)
+class StagedFrame:
+    """A frame whose host-to-device copy was started by `Pipeline.submit`.
+
+    image: HxW uint8 on the pipeline's device (still being written while ``ready`` has not fired).
+    ready: the CUDA event recorded on the transfer stream after the copy (None on the CPU: the image
+    is complete). `use` makes the calling stream wait for it.
+    """
+
+    image: torch.Tensor
+    ready: Any = None
+
+    def use(self) -> torch.Tensor:
+        """The image, ordered after its copy on the current stream (a device-side wait, no host sync)."""
+        if self.ready is not None:
+            stream = torch.cuda.current_stream(self.image.device)
+            stream.wait_event(self.ready)
+            # the image was allocated on the transfer stream: keep its memory until this stream is done
+            self.image.record_stream(stream)
+        return self.image
+
+
 def compute_mask_weights(
     mask_probs: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,6 +302,17 @@ class Pipeline:
 
     ``path`` names the implementation in KPI records (``"gpu_resident"``; the benchmarks' legacy
     subclass says ``"legacy"``).
+
+    Overlapped copies: ``staged = pipeline.submit(next_frame)`` starts that frame's host-to-device
+    copy on a transfer stream (CUDA) and returns at once; ``pipeline.process_frame(staged)`` orders
+    its work after the copy by an event. Submitting frame i+1 right after ``process_frame(frame i)``
+    and before ``to_host()`` overlaps the copy with frame i's compute; results are those of the
+    single-stream path.
+
+    The models given are never changed: when the config asks for another precision, attention
+    kernel or compilation, the pipeline builds its own copies (``detector``/``segmenter`` are the
+    ones it runs). With reduced precision or compilation the first frame (or an explicit `warmup`)
+    checks the reduced models against the given fp32 ones and compiles.
     """
 
     path = "gpu_resident"
@@ -253,8 +326,6 @@ class Pipeline:
     ) -> None:
         self.config = config or PipelineConfig()
         self.device = resolve_device(self.config.device)
-        self.detector = detector
-        self.segmenter = segmenter
         self.class_names: tuple[str, ...] = tuple(detector.class_names)
         if tracker is None and self.config.track:
             from UltramotionIGTLib.core.tracking import Tracker
@@ -264,8 +335,189 @@ class Pipeline:
         #: the stream's intensity mapping (`core.intensity`): its window is fixed on the first frame
         #: (or stated from the data's metadata) and kept until `reset`
         self.intensity = IntensityMapper()
-        self._check_prompt_slots()
         self._frame_counter = 0
+        self._copy_stream: Any = None
+        self._build_models(detector, segmenter)
+        self._check_prompt_slots()
+
+    # -- how the models run ------------------------------------------------------------------------
+    def _build_models(self, detector: Any, segmenter: Any) -> None:
+        cfg = self.config
+        self.dtype = acceleration.resolve_precision(cfg.precision, self.device)
+        self.sam_attention = acceleration.resolve_attention(cfg.sam_attention, self.device)
+        reduced = self.dtype != torch.float32
+        self.detector = self._own_detector(detector, self.dtype)
+        self.segmenter = self._own_segmenter(segmenter, self.dtype)
+        #: precision each model runs in (final after the first frame's check)
+        self.precision: dict[str, str] = {
+            role: acceleration.precision_name(getattr(model, "dtype", torch.float32))
+            for role, model in (("detector", self.detector), ("sam", self.segmenter))
+        }
+        self.precision_notes: list[str] = []
+        #: the given fp32 models, kept until the first frame has checked the reduced ones against them
+        self._reference: tuple[Any, Any] | None = (detector, segmenter) if reduced else None
+        self.compile_stats: dict[str, Any] = {"enabled": bool(cfg.compile), "mode": cfg.compile_mode}
+        self._compiled = False
+        self.recompiles = 0
+        self._warm = not (reduced or cfg.compile)
+
+    def _own_detector(self, detector: Any, dtype: torch.dtype) -> Any:
+        """The detector as the config asks, a copy whenever it must differ from the one given."""
+        if dtype != torch.float32 and hasattr(detector, "with_precision"):
+            return detector.with_precision(dtype)
+        if self.config.compile and hasattr(detector, "compile"):
+            return copy.deepcopy(detector)  # compiled at warm-up: never the caller's model
+        return detector
+
+    def _own_segmenter(self, segmenter: Any, dtype: torch.dtype) -> Any:
+        current = getattr(segmenter, "attention", None)
+        retune = current is not None and current != self.sam_attention
+        if dtype != torch.float32 and hasattr(segmenter, "with_precision"):
+            segmenter = segmenter.with_precision(dtype)
+        elif (self.config.compile and hasattr(segmenter, "compile")) or retune:
+            segmenter = copy.deepcopy(segmenter)
+        else:
+            return segmenter
+        if retune:
+            segmenter.set_attention(self.sam_attention)
+        return segmenter
+
+    def warmup(self, frame: Any, progress: bool = False) -> dict[str, Any]:
+        """Make the pipeline ready for real-time frames, on one frame of the stream's size.
+
+        With reduced precision: run the given fp32 models and the reduced ones on ``frame`` and keep a
+        model in fp32 (warning logged, reason in ``precision_notes``) when its results break the
+        parity rules (`acceleration.BOX_TOLERANCE_PX`, `SCORE_TOLERANCE`, `MASK_IOU_MIN`). With
+        compile: compile the models and run ``frame`` twice (the second run proves the graphs are
+        reused); the time is logged and kept in ``compile_stats``. Then tracks are forgotten
+        (`reset`). ``progress``: show a progress bar on stderr (compilation takes minutes).
+        `process_frame` calls this on its first frame when it was not called. Returns `describe()`.
+        """
+        if self._warm:
+            return self.describe()
+        steps = (["precision check"] if self._reference is not None else []) + (
+            ["compile + first run", "second run"] if self.config.compile else []
+        )
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(steps), desc="warm-up", unit="step", disable=not progress, file=sys.stderr)
+        with torch.inference_mode():
+            image = (
+                frame.use()
+                if isinstance(frame, StagedFrame)
+                else prepare_inference_inputs(frame, self.device, self.intensity)
+            )
+            if self._reference is not None:
+                bar.set_postfix_str("precision check")
+                self._check_precision(image)
+                bar.update(1)
+            if self.config.compile and not self._compiled:
+                self._compile()
+                before = acceleration.CompileCounter.count()
+                times = []
+                for step in steps[-2:]:
+                    bar.set_postfix_str(step)
+                    t0 = time.perf_counter()
+                    self._run(image, frame_index=0, timestamp=None).to_host()
+                    times.append(time.perf_counter() - t0)
+                    bar.update(1)
+                self.compile_stats.update(
+                    warmup_s=[round(t, 3) for t in times], graphs=acceleration.CompileCounter.count() - before
+                )
+                LOG.info(
+                    "compiled (%s): first run %.1f s, second run %.3f s, %d graphs",
+                    self.config.compile_mode,
+                    times[0],
+                    times[1],
+                    self.compile_stats["graphs"],
+                )
+        bar.close()
+        self._warm = True
+        self.reset()
+        return self.describe()
+
+    def _compile(self) -> None:
+        for model in (self.detector, self.segmenter):
+            if hasattr(model, "compile"):
+                model.compile(self.config.compile_mode)
+        self._compiled = True
+
+    def _check_precision(self, image: torch.Tensor) -> None:
+        """Compare the reduced models with the given fp32 ones on ``image``; fall back per model."""
+        cfg = self.config
+        ref_detector, ref_segmenter = self._reference
+        self._reference = None
+        num_classes = len(self.class_names)
+
+        def prompts(detections: Any, threshold: float) -> tuple:
+            return select_prompts(
+                detections.boxes, detections.scores, detections.labels,
+                num_classes, cfg.max_targets_per_class, threshold, cfg.nms_iou,
+            )  # fmt: skip
+
+        ref_det = ref_detector.run_inference_torch(image)
+        det = self.detector.run_inference_torch(image)
+        ref_p, p = prompts(ref_det, cfg.score_threshold), prompts(det, cfg.score_threshold)
+        score_diff = (ref_det.scores.sort().values - det.scores.sort().values).abs().max()
+        # SAM on the same prompts: the frame's targets, else every slot (a frame without targets
+        # still tests it)
+        boxes, _, _, slots = prompts(ref_det, -1.0)
+        slots = torch.where(ref_p[3].any(), ref_p[3], slots)
+        ref_segmenter.set_torch_image(image)
+        ref_masks = ref_segmenter.predict_boxes(boxes, valid=slots).masks
+        self.segmenter.set_torch_image(image)
+        masks = self.segmenter.predict_boxes(boxes, valid=slots).masks
+        iou_min = acceleration.mask_ious(ref_masks, masks).min()
+        ref_segmenter.reset_image()
+        with allowed_host_transfer("precision check (warm-up, once)"):
+            score_diff, iou_min = torch.stack([score_diff, iou_min]).float().tolist()
+            fields = ("boxes", "scores", "labels", "valid")
+            box_px = acceleration.agreement(
+                SimpleNamespace(**dict(zip(fields, ref_p, strict=True))),
+                SimpleNamespace(**dict(zip(fields, p, strict=True))),
+                cfg.score_threshold,
+            )["box_px"]
+        name = acceleration.precision_name(self.dtype)
+        if self.precision["detector"] != "fp32" and not (
+            box_px <= acceleration.BOX_TOLERANCE_PX and score_diff <= acceleration.SCORE_TOLERANCE
+        ):
+            note = (
+                f"detector kept in fp32: in {name} its scores moved by {score_diff:.3g} (limit "
+                f"{acceleration.SCORE_TOLERANCE}) and its prompt boxes by {box_px:.3g} px (limit "
+                f"{acceleration.BOX_TOLERANCE_PX}) on the first frame"
+            )
+            self.detector = self._own_detector(ref_detector, torch.float32)
+            self.precision["detector"] = "fp32"
+            self.precision_notes.append(note)
+            LOG.warning(note)
+        if self.precision["sam"] != "fp32" and not iou_min >= acceleration.MASK_IOU_MIN:
+            note = (
+                f"SAM kept in fp32: in {name} a mask's IoU with fp32 fell to {iou_min:.3f} (limit "
+                f"{acceleration.MASK_IOU_MIN}) on the first frame"
+            )
+            self.segmenter = self._own_segmenter(ref_segmenter, torch.float32)
+            self.precision["sam"] = "fp32"
+            self.precision_notes.append(note)
+            LOG.warning(note)
+        self.precision_check = {"box_px": box_px, "score_max_diff": score_diff, "mask_iou_min": iou_min}
+
+    def submit(self, frame: Any) -> StagedFrame:
+        """Start ``frame``'s host-to-device copy now and return at once; give the result to
+        `process_frame`. On CUDA the copy (pinned, non-blocking, plus the RGB->gray conversion) runs on
+        the pipeline's transfer stream, so it overlaps whatever the compute stream is doing; an event
+        orders the frame's processing after it. On the CPU the frame is just prepared.
+        Raises `UnsupportedImageTypeError` like `prepare_inference_inputs`."""
+        if self.device.type != "cuda":
+            return StagedFrame(prepare_inference_inputs(frame, self.device, self.intensity))
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            image = prepare_inference_inputs(frame, self.device, self.intensity)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return StagedFrame(image, ready)
 
     def _check_prompt_slots(self) -> None:
         """`ValueError` when ``max_targets_per_class`` exceeds the boxes the detector proposes per frame
@@ -300,6 +552,7 @@ class Pipeline:
         segmenter = SamSegmenter.from_checkpoint(sam_checkpoint, model_type=sam_type, device=device)
         return cls(detector, segmenter, config, **kwargs)
 
+    @torch.inference_mode()  # like the frames: a CUDA-graph tracker's state is updated in place
     def reset(self, intensity_window: IntensityWindow | None | str = "keep") -> None:
         """Forget tracks, the frame counter and the intensity window fixed from a first frame (a new
         stream starts). ``intensity_window``: the window the new stream's metadata states (None: none;
@@ -318,18 +571,45 @@ class Pipeline:
 
         ``frame``: HxW or HxWx3, numpy array or tensor of any real pixel type, each side at least
         `MIN_FRAME_SIDE` pixels (see `prepare_inference_inputs`; its intensities go through the
-        stream's window, `Pipeline.intensity`). ``frame_index``: its number in the stream (default: one
-        more than the last). ``timestamp``: its acquisition time in seconds (carried through to the
-        result). Raises `UnsupportedImageTypeError` naming the shape or type for a frame that is not an
-        image (the frame is not counted), `NonFiniteFrameError` (a subclass) for a frame without a
-        finite pixel: report and skip it.
+        stream's window, `Pipeline.intensity`), or a `StagedFrame` from `submit` (its copy already
+        under way). ``frame_index``: its number in the stream (default: one more than the last).
+        ``timestamp``: its acquisition time in seconds (carried through to the result). The first
+        frame runs `warmup` first when the config needs one (reduced precision, compile). Raises
+        `UnsupportedImageTypeError` naming the shape or type for a frame that is not an image (the
+        frame is not counted), `NonFiniteFrameError` (a subclass) for a frame without a finite pixel:
+        report and skip it.
         """
+        if not self._warm:
+            self.warmup(frame)
         if frame_index is None:
             frame_index = self._frame_counter
+        if not self.config.compile:
+            return self._run(frame, frame_index, timestamp)
+        if self.device.type == "cuda" and self.config.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # a new frame: the graphs' last outputs are consumed
+        before = acceleration.CompileCounter.count()
+        packet = self._run(frame, frame_index, timestamp)
+        compiled = acceleration.CompileCounter.count() - before
+        if compiled:
+            self.recompiles += compiled
+            self.compile_stats["recompiles"] = self.recompiles
+            LOG.warning(
+                "frame %d: torch.compile compiled %d graph(s) again (%d since warm-up): an input shape, a "
+                "setting or a torch function the graphs guard on changed (the runtime audit wraps some)",
+                frame_index,
+                compiled,
+                self.recompiles,
+            )
+        return packet
+
+    def _run(self, frame: Any, frame_index: int, timestamp: float | None) -> ResultPacket:
         timer = StageTimer(self.device)
         with timer.stage("prepare"):
-            image = prepare_inference_inputs(frame, self.device, self.intensity)
-        self._frame_counter = frame_index + 1
+            if isinstance(frame, StagedFrame):
+                image = frame.use()
+            else:
+                image = prepare_inference_inputs(frame, self.device, self.intensity)
+        self._frame_counter = frame_index + 1  # a frame that is not an image is not counted
         h, w = int(image.shape[0]), int(image.shape[1])
         with timer.stage("detector"):
             detections = self._detect(image)
@@ -399,43 +679,69 @@ class Pipeline:
         audit: Any | None = None,
         sink: KpiSink | None = None,
         on_skip: Callable[[int, float | None, Any, Exception], None] | None = None,
-    ) -> Iterator[tuple[HostResult, FrameRecord]]:
-        """The per-frame loop over a recording: each frame through `process_frame` and its one host
-        copy, then its `FrameRecord` (wall time of both), given to ``sink``; yields (result, record).
+    ) -> Iterator[tuple[Any, HostResult, FrameRecord]]:
+        """The per-frame loop over a recording; yields (frame, `HostResult`, `FrameRecord`) per frame.
 
+        Each frame goes through `process_frame` and its one host copy; its record (wall time of both)
+        goes to ``sink``. The first frame warms the pipeline up (`warmup`) before its timing; the next
+        frame's copy is started (`submit`) while a frame computes, so on CUDA the two overlap.
         ``timestamps``: one per frame, seconds (NaN or None: none). ``audit``: an active
         `UltramotionIGTLib.tools.audit.runtime.RuntimeTransferAudit`; each frame is one audit frame and
         its counts go into the record (``host_syncs``, ``declared_hops``, ...); what the loop does
         between frames (the record, the sink) is counted by the audit as after that frame.
-        ``on_skip``: called with (frame index, timestamp, frame, error) for a frame without a finite
-        pixel (`NonFiniteFrameError`), which then yields nothing; without it the error is raised.
+        ``on_skip``: called, in frame order, with (frame index, timestamp, frame, error) for a frame
+        without a finite pixel (`NonFiniteFrameError`), which then yields nothing; without it the error
+        is raised. Any other error of a frame is raised at that frame's turn, after every earlier
+        frame's result was yielded.
         """
         stamps = iter(timestamps) if timestamps is not None else None
-        for index, frame in enumerate(frames):
+        source = enumerate(frames)
+
+        def stage(item: tuple[int, Any] | None) -> tuple | None:
+            if item is None:
+                return None
+            index, frame = item
             timestamp = _seconds_or_none(next(stamps, None)) if stamps is not None else None
-            t0 = time.perf_counter()
             try:
-                with audit.frame(index) if audit is not None else nullcontext():
-                    packet = self.process_frame(frame, index, timestamp)
-                    result = packet.to_host()
-            except NonFiniteFrameError as exc:
-                if on_skip is None:
-                    raise
-                on_skip(index, timestamp, frame, exc)
+                return index, frame, timestamp, self.submit(frame), None
+            except Exception as exc:  # raised at the frame's turn, not before earlier results
+                return index, frame, timestamp, None, exc
+
+        pending = stage(next(source, None))
+        while pending is not None:
+            index, frame, timestamp, staged, error = pending
+            upcoming = next(source, None)
+            if error is not None:
+                if on_skip is None or not isinstance(error, NonFiniteFrameError):
+                    raise error
+                on_skip(index, timestamp, frame, error)
+                pending = stage(upcoming)
                 continue
+            if not self._warm:
+                self.warmup(staged)  # precision check, compilation: before the timing and the audit
+            t0 = time.perf_counter()
+            with audit.frame(index) if audit is not None else nullcontext():
+                packet = self.process_frame(staged, index, timestamp)
+                pending = stage(upcoming)  # the next frame's copy overlaps this frame's compute
+                result = packet.to_host()
             wall_ms = (time.perf_counter() - t0) * 1000.0
             counts = audit.last_frame.kpi() if audit is not None else {}
             record = FrameRecord.from_result(result, wall_ms=wall_ms, **counts)
             if sink is not None:
                 safe_log_kpi(record, sink)
-            yield result, record
+            yield frame, result, record
 
     def describe(self) -> dict[str, Any]:
-        """Device, path, config and classes, for the start record of a run."""
+        """Device, path, config, classes and how the models run (precision per model with the notes
+        of the first frame's check, SAM attention, compilation), for the start record of a run."""
         return {
             "device": str(self.device),
             "path": self.path,
             "config": asdict(self.config),
             "class_names": list(self.class_names),
             "intensity": self.intensity.describe(),
+            "precision": dict(self.precision),
+            "precision_notes": list(self.precision_notes),
+            "sam_attention": getattr(self.segmenter, "attention", None),
+            "compile": dict(self.compile_stats),
         }

@@ -40,7 +40,8 @@ class Tracker:
         max_misses: consecutive unmatched frames after which a confirmed track is deleted.
         device: ``"auto" | "cpu" | "cuda[:N]"`` or a torch.device (see `resolve_device`).
         cuda_graph: on CUDA, capture `update` once as a CUDA graph and replay it every frame (one
-            launch instead of ~1000 small kernels; same results). Ignored on CPU.
+            launch instead of ~1000 small kernels of the fixed-iteration assignment; same results).
+            None (default): on for CUDA devices. Ignored on CPU.
 
     State (fixed size, on ``device``): ``boxes`` Mx4 XYXY float32 (last matched box per slot),
     ``labels`` M int64, ``alive`` M bool (slot holds a tentative or confirmed track), ``hits`` /
@@ -55,7 +56,7 @@ class Tracker:
         min_hits: int = 2,
         max_misses: int = 5,
         device: str | torch.device | None = "auto",
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
     ) -> None:
         if max_tracks < 1:
             raise ValueError(f"Tracker: max_tracks must be >= 1, got {max_tracks}")
@@ -70,7 +71,7 @@ class Tracker:
         self.device = resolve_device(device)
         #: replay the whole update as one CUDA graph (CUDA only): one launch per frame instead of
         #: ~1000 small kernels; captured on the first update (and again if K changes)
-        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.cuda_graph = (cuda_graph is None or bool(cuda_graph)) and self.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_inputs: tuple[torch.Tensor, ...] = ()
         self._graph_out: torch.Tensor | None = None

@@ -100,12 +100,13 @@ class SessionController:
 
     # -- models -----------------------------------------------------------------------------------
     def load_pipeline(self, models: ModelSource, config: PipelineConfig) -> Pipeline:
-        """The pipeline for ``models`` on ``config.device``: loaded on first use, then reused with
-        ``config`` applied (a new sequence starts: tracks are forgotten). Raises `CheckpointError`
-        naming the file at fault, `DeviceUnavailableError` for an unusable device."""
+        """The pipeline for ``models`` as ``config`` builds them (`PipelineConfig.build_settings`):
+        loaded on first use, then reused with ``config`` applied (a new sequence starts: tracks are
+        forgotten). Raises `CheckpointError` naming the file at fault, `DeviceUnavailableError` for an
+        unusable device."""
         from UltramotionIGTLib.core.pipeline import Pipeline
 
-        key = (*models.key(), config.device)
+        key = (*models.key(), *config.build_settings())  # device, precision, attention, compilation
         if self.pipeline is None or self._pipeline_key != key:
             self.pipeline = None  # free the old models before loading new ones
             self.pipeline = Pipeline(*models.load(config.device), config)

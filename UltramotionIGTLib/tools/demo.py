@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     folder = OutputFolder.open(out, args.overwrite, inputs=(source.sam,))
     try:
-        detector, segmenter = source.load(device)
-        pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+        # the pipeline alone holds the loaded models: a reduced-precision copy then replaces them
+        pipeline = build_pipeline(*source.load(device), config, legacy=args.legacy)
         sequence, truth = demo_sequence(args.frames, args.seed)
     except BaseException:
         folder.release()

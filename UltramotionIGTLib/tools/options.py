@@ -5,7 +5,8 @@
   ``--pack NAME|DIR|ZIP`` or ``--detector DIR --sam CKPT [--sam-type T]`` (or ``--random-models`` where
   a command offers it), else the shipped demo pack (`UltramotionIGTLib.models.packs.models_root`).
 - `add_pipeline_arguments` + `pipeline_config_from_args`: the `PipelineConfig` knobs of ``run``,
-  ``demo`` and ``audit --runtime``.
+  ``demo`` and ``audit --runtime``; `add_acceleration_arguments` (in them, and in ``bench pipeline``):
+  ``--precision``, ``--sam-attention``, ``--compile``, ``--compile-mode``.
 
 Nothing here imports torch at module scope: building the command-line tree must stay instant.
 """
@@ -265,6 +266,45 @@ def add_pipeline_arguments(parser: Any) -> None:
         help="the in-house pipeline's habits, for comparison: gpu_resident=False, sam_as_numpy=True "
         "(host hops per frame; tools/benchmarks/legacy.py)",
     )
+    add_acceleration_arguments(group)
+
+
+#: the choices of `add_acceleration_arguments` (mirrors `core.acceleration`; no torch import here)
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+ATTENTION_CHOICES = ("auto", "sdpa", "explicit")
+COMPILE_MODE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def add_acceleration_arguments(parser: Any, precision_default: str | None = "auto") -> None:
+    """How the models run: ``--precision``, ``--sam-attention``, ``--compile``, ``--compile-mode``
+    (`PipelineConfig` fields of the same names; `UltramotionIGTLib.core.acceleration`)."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=precision_default,
+        help="precision of the detector and SAM: auto (default: fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | "
+        "bf16; a model whose reduced-precision results differ from fp32 on the first frame (prompts, "
+        "boxes > 1 px, mask IoU < 0.97) stays in fp32 with a warning",
+    )
+    parser.add_argument(
+        "--sam-attention",
+        choices=ATTENTION_CHOICES,
+        default="auto",
+        help="SAM ViT encoder attention: auto (default: sdpa on CUDA, explicit on CPU) | sdpa (fused "
+        "scaled_dot_product_attention) | explicit (segment_anything's arithmetic, bit-identical)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the detector and SAM encoder/decoder (static shapes; compiled on the first "
+        "frame, which takes minutes; recompilations are counted and logged)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODE_CHOICES,
+        default="default",
+        help="torch.compile mode with --compile (default: default; reduce-overhead adds CUDA graphs)",
+    )
 
 
 def detector_query_count(detector: Any) -> int | None:
@@ -303,6 +343,10 @@ def pipeline_config_from_args(
         "score_threshold": args.score_threshold,
         "max_targets_per_class": args.max_targets,
         "track": not args.no_track,
+        "precision": args.precision,
+        "sam_attention": args.sam_attention,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
     }
     values.update(overrides)
     try:

@@ -10,7 +10,7 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +132,7 @@ def process_sequence(
                 for v, name, c in table.segments()
             ],
             "naming": NAMING_RULE,
+            "pipeline": {k: v for k, v in pipeline.describe().items() if k not in ("config", "class_names")},
         }
 
     bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
@@ -142,12 +143,6 @@ def process_sequence(
 
             audit_context = RuntimeTransferAudit(pipeline.device, cuda_profiler=False)
         with audit_context as audit:
-            current: list[Any] = [None]  # the frame whose result `pipeline.run` yields next
-
-            def numbered() -> Iterator[Any]:
-                for frame in itertools.islice(frames, n):
-                    current[0] = frame
-                    yield frame
 
             def skipped(index: int, timestamp: float | None, frame: Any, exc: Exception) -> None:
                 LOG.warning("frame %d skipped: %s", index, exc)
@@ -155,15 +150,19 @@ def process_sequence(
                 recorder.add_item(np.zeros(np.shape(frame)[:2], np.uint8), timestamp, table.segments())
                 bar.update(1)
 
-            for result, record in pipeline.run(
-                numbered(), itertools.islice(stamps, n), audit=audit, sink=kpi, on_skip=skipped
+            for frame, result, record in pipeline.run(
+                itertools.islice(frames, n),
+                itertools.islice(stamps, n),
+                audit=audit,
+                sink=kpi,
+                on_skip=skipped,
             ):
                 if audit is not None:  # counts are in the records: keep no frame's events
                     del audit.frames[:-1]
                     del audit.events[:]
                 recorder.log(record)
                 recorder.add_item(table.labelmap(result), result.timestamp, table.segments())
-                recorder.sample(current[0], result)
+                recorder.sample(frame, result)
                 state["processed"] += 1
                 if on_result is not None:
                     on_result(result.frame_index, result)
@@ -239,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
         check_frame_shape(sequence.frames.shape[1:])
         stated = sequence.metadata.get("intensity_window")
         window = IntensityWindow.stated(stated[0], stated[1], str(sequence.frames.dtype)) if stated else None
-        detector, segmenter = source.load(device)
-        pipeline = build_pipeline(detector, segmenter, config, legacy=args.legacy)
+        # the pipeline alone holds the loaded models: a reduced-precision copy then replaces them
+        pipeline = build_pipeline(*source.load(device), config, legacy=args.legacy)
     except BaseException:
         folder.release()
         raise
@@ -294,6 +293,12 @@ def configure_make_test_models(parser: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="detector input size in pixels (default 256)",
     )
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="instead: random-weight models in the production architectures, for timing (D-FINE-S and -L "
+        "folders, SAM ViT-B 1024 and MobileSAM checkpoints; about 0.6 GB; tools/benchmarks/realsize.py)",
+    )
 
 
 def run_make_test_models(args: argparse.Namespace) -> int:
@@ -301,6 +306,15 @@ def run_make_test_models(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 
     out = Path(args.out)
+    if args.real_size:
+        from UltramotionIGTLib.tools.benchmarks.realsize import write_real_size_models
+
+        try:
+            written = write_real_size_models(out, seed=args.seed)
+        except OSError as exc:
+            raise UltramotionError(f"cannot write real-size test models into {out}: {exc}") from exc
+        print("\n".join(f"{name}: {path}" for name, path in written.items()))
+        return 0
     try:
         det = write_random_detector(out / "detector", image_size=args.image_size, seed=args.seed)
         sam = write_random_sam_checkpoint(

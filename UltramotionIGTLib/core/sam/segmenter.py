@@ -33,7 +33,11 @@ from segment_anything.modeling import Sam
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.sam.checkpoint import load_sam_with_config
 from UltramotionIGTLib.core.sam.config import SamConfig
-from UltramotionIGTLib.core.sam.encoder import make_encoder_device_resident
+from UltramotionIGTLib.core.sam.encoder import (
+    encoder_attention,
+    make_encoder_device_resident,
+    set_encoder_attention,
+)
 from UltramotionIGTLib.core.sam.resize import _ResizeTables, _SquareResizeTables, get_preprocess_shape
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 
@@ -83,6 +87,9 @@ class SamSegmenter:
     MedSAM's published inference instead (see the module docstring). The resident path makes no host
     sync; the first image of a new size builds and uploads its resize tables once (kept for the last
     few sizes).
+
+    ``dtype`` is the precision the image encoder and mask decoder compute in (float32 unless made by
+    `with_precision`); ``attention`` the ViT encoder's attention kernel (`set_attention`).
     """
 
     def __init__(
@@ -93,6 +100,9 @@ class SamSegmenter:
         self.config = config or getattr(model, "sam_config", None)
         self.preprocessing = getattr(self.config, "preprocessing", "sam")
         self.image_size = int(model.image_encoder.img_size)
+        #: precision of the image encoder and mask decoder; the prompt encoder and all pre- and
+        #: post-processing stay in float32 (`with_precision`)
+        self.dtype = torch.float32
         with torch.inference_mode():
             self._image_pe = self.model.prompt_encoder.get_dense_pe()
         self._tables: dict[tuple[int, int], _ResizeTables | _SquareResizeTables] = {}
@@ -108,6 +118,48 @@ class SamSegmenter:
         """Load a checkpoint (see `load_sam`) and wrap it. Raises `CheckpointError` naming the file."""
         model, config = load_sam_with_config(path, model_type, device)
         return cls(model, config, device=model.device)
+
+    # -- how the model runs --------------------------------------------------------------------------
+
+    def with_precision(self, dtype: torch.dtype) -> SamSegmenter:
+        """A copy whose image encoder and mask decoder compute in ``dtype`` (float16/bfloat16/float32);
+        this segmenter is left as it is.
+
+        What stays in float32, so that the outputs keep their contract (`SamOutput`: bool masks,
+        float32 probabilities and scores): the pixel normalisation (the model's mean/std buffers),
+        the prompt encoder (the random-Fourier box embedding loses whole pixels in 8-bit mantissas)
+        and everything after the decoder: its low-resolution logits and IoU predictions are cast to
+        float32 before they are upsampled and thresholded, so neither the upsampling nor the
+        threshold runs in half precision (no fp16 overflow, no threshold in bf16 steps).
+        """
+        import copy
+
+        twin = copy.deepcopy(self)
+        twin.model.image_encoder.to(dtype)
+        twin.model.mask_decoder.to(dtype)
+        twin.dtype = dtype
+        twin._image_pe = twin._image_pe.to(dtype)  # computed in float32 once, rounded once
+        twin.reset_image()
+        return twin
+
+    @property
+    def attention(self) -> str | None:
+        """The ViT image encoder's attention kernel, ``explicit`` or ``sdpa`` (None for TinyViT)."""
+        return encoder_attention(self.model)
+
+    def set_attention(self, attention: str) -> None:
+        """``explicit`` (segment_anything's arithmetic) or ``sdpa`` (fused kernels on CUDA); see
+        `UltramotionIGTLib.core.sam.encoder`. In place. TinyViT encoders are not changed."""
+        set_encoder_attention(self.model, attention)
+
+    def compile(self, mode: str = "default") -> None:
+        """`torch.compile` the image encoder and the mask decoder in place, static shapes (the encoder
+        input is always ``image_size`` square; the decoder sees a fixed number of prompts). Compilation
+        happens on their first call."""
+        from UltramotionIGTLib.core.acceleration import compile_module
+
+        compile_module(self.model.image_encoder, mode)
+        compile_module(self.model.mask_decoder, mode)
 
     # -- image ---------------------------------------------------------------------------------------
 
@@ -188,12 +240,12 @@ class SamSegmenter:
                     tables = _ResizeTables(in_hw, out_hw, self.device)
                 self._tables[in_hw] = tables
             if medsam:
-                features = self.model.image_encoder(tables.apply(chw))
+                features = self.model.image_encoder(tables.apply(chw).to(self.dtype))
             else:
                 resized = tables.apply(chw)
                 if resized.shape[0] == 1:
                     resized = resized.expand(3, -1, -1)
-                features = self.model.image_encoder(self.model.preprocess(resized[None]))
+                features = self.model.image_encoder(self.model.preprocess(resized[None]).to(self.dtype))
         self._features = features
         self._original_size = in_hw
         self._input_size = out_hw
@@ -293,10 +345,12 @@ class SamSegmenter:
         low_res, iou = self.model.mask_decoder(
             image_embeddings=self._features,
             image_pe=self._image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            sparse_prompt_embeddings=sparse.to(self.dtype),
+            dense_prompt_embeddings=dense.to(self.dtype),
             multimask_output=multimask_output,
         )
+        # upsampling and threshold in float32 whatever the decoder's precision (a no-op in float32)
+        low_res, iou = low_res.float(), iou.float()
         if multimask_output:
             best = iou.argmax(dim=1, keepdim=True)
             low_res = low_res.gather(1, best[:, :, None, None].expand(-1, 1, *low_res.shape[-2:]))

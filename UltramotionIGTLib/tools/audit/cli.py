@@ -269,10 +269,10 @@ def run_runtime_audit(
         with RuntimeTransferAudit(pipeline.device, cuda_profiler=True) as audit:  # the profiler: CUDA only
             for _ in pipeline.run(frames[:warmup], sink=sink):
                 pass
-            pairs = list(pipeline.run(frames[warmup:], audit=audit, sink=sink))
+            done = list(pipeline.run(frames[warmup:], audit=audit, sink=sink))
     finally:
         jsonl.close()
-    return audit.result, [result for result, _ in pairs], [record for _, record in pairs]
+    return audit.result, [result for _, result, _ in done], [record for _, _, record in done]
 
 
 def _scene_summary(scenes: list[str] | None, targets: list[int] | None, results: list[Any]) -> list[dict]:

@@ -30,19 +30,48 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="unmeasured warm-up frames per path (default 3)",
     )
+    group.add_argument(
+        "--frame-size",
+        type=positive_int,
+        default=None,
+        metavar="PX",
+        help="resize every frame to PX x PX (bilinear) before the run, e.g. 1024 for SAM's input size "
+        "(default: the frames' own size)",
+    )
 
 
 def load_frames(args: argparse.Namespace, n: int) -> tuple[list[np.ndarray], str]:
+    """``n`` frames from ``--input`` (cycled) or the demo phantom, resized to ``--frame-size`` when given;
+    and a description naming the source and the size."""
     if args.input:
         from UltramotionIGTLib.io import read_sequence
 
         seq = read_sequence(args.input)
         frames = [seq.frames[i % seq.n_frames] for i in range(n)]
-        return frames, f"{args.input} ({seq.frame_shape[1]}x{seq.frame_shape[0]})"
-    from UltramotionIGTLib.tools.demo import demo_sequence
+        name = str(args.input)
+    else:
+        from UltramotionIGTLib.tools.demo import demo_sequence
 
-    seq, _ = demo_sequence(n)
-    return list(seq.frames), f"demo phantom ({seq.frame_shape[1]}x{seq.frame_shape[0]})"
+        seq, _ = demo_sequence(n)
+        frames, name = list(seq.frames), "demo phantom"
+    size = getattr(args, "frame_size", None)
+    if size is not None:
+        import torch
+        import torch.nn.functional as F
+
+        def resized(frame: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(np.ascontiguousarray(frame)).float()
+            t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            t = t[0, 0] if frame.ndim == 2 else t[0].permute(1, 2, 0)
+            if frame.dtype == np.uint8:
+                return t.round().clamp(0, 255).to(torch.uint8).numpy()
+            return t.numpy().astype(frame.dtype)
+
+        frames = [resized(f) for f in frames]
+        name += f" resized to {size}x{size}"
+    h, w = frames[0].shape[:2]
+    return frames, f"{name} ({w}x{h})"
 
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
