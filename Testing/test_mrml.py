@@ -241,11 +241,15 @@ def test_segments_are_updated_in_place_with_stable_names_colours_and_removal(con
             np.testing.assert_array_equal(oriented_image_arrays(image)[0][0].astype(bool), masks[row])
     assert context.scene.GetNumberOfNodes() == nodes_before  # no temporary nodes per frame
 
-    # a new target reuses a pooled image; untracked targets of one class get distinct ids
+    # new segments reuse pooled images; the untracked detections of a class share one segment
+    # ('<class>-untracked', the one naming rule of files, Slicer and the summary)
     masks = rng.random((3, *shape)) > 0.5
     names = writer.write(result_from_masks(masks, labels=[0, 0, 1], track_ids=[-1, -1, 9]))
-    assert names == ["vessel", "vessel_2", "needle-9"]
-    assert seg.GetSegment("needle-9").GetRepresentation(mrml.BINARY_LABELMAP) is images["vessel-1"]
+    assert names == ["vessel-untracked", "needle-9"]
+    for segment_id, expected in (("vessel-untracked", masks[0] | masks[1]), ("needle-9", masks[2])):
+        image = seg.GetSegment(segment_id).GetRepresentation(mrml.BINARY_LABELMAP)
+        assert any(image is pooled for pooled in images.values())
+        np.testing.assert_array_equal(oriented_image_arrays(image)[0][0].astype(bool), expected)
     # a new writer (a new run) removes the segments the previous one left, not the user's
     mrml.SegmentationWriter(segmentation, geometry)
     assert [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())] == ["liver"]
