@@ -326,7 +326,7 @@ def test_runtime_audit_of_reduced_precision_finds_no_undeclared_hop(capsys):
     argv = ["audit", "--runtime", "--frames", "2", "--device", "cpu", "--precision", "bf16"]
     assert cli.main([*argv, "--fail-on", "undeclared", "--format", "json"]) == 0
     run = json.loads(capsys.readouterr().out)["runs"]["gpu_resident"]
-    assert run["totals"]["undeclared"] == 0 and run["outside_frames"]["undeclared"] == 0
+    assert run["totals"]["undeclared"] == 0 and run["totals"]["between_frames_failing"] == 0
 
 
 @pytest.mark.slow
@@ -334,7 +334,7 @@ def test_runtime_audit_of_the_compiled_pipeline_finds_no_undeclared_hop(capsys):
     argv = ["audit", "--runtime", "--frames", "2", "--device", "cpu", "--precision", "bf16", "--compile"]
     assert cli.main([*argv, "--fail-on", "undeclared", "--format", "json"]) == 0
     run = json.loads(capsys.readouterr().out)["runs"]["gpu_resident"]
-    assert run["totals"]["undeclared"] == 0 and run["outside_frames"]["undeclared"] == 0
+    assert run["totals"]["undeclared"] == 0 and run["totals"]["between_frames_failing"] == 0
 
 
 def test_controller_rebuilds_the_pipeline_when_precision_changes():
