@@ -91,7 +91,8 @@ def test_compute_mask_weights_against_numpy():
     probs = rng.uniform(0, 1, (3, 12, 17)).astype(np.float32)
     scores = np.array([0.9, 0.5, 0.7], np.float32)
     valid = np.array([True, True, False])
-    w, c, a = compute_mask_weights(torch.from_numpy(probs), torch.from_numpy(scores), torch.from_numpy(valid))
+    out = compute_mask_weights(torch.from_numpy(probs), torch.from_numpy(scores), torch.from_numpy(valid))
+    w, c, a = out.weights, out.centroids, out.areas
     ys, xs = np.mgrid[0:12, 0:17]
     for i in range(2):
         wi = probs[i] * scores[i]
