@@ -62,6 +62,8 @@ class SessionController:
         self.session: Session | None = None
         self.output_node: Any = None
         self._pipeline_key: tuple[str, ...] | None = None
+        #: (sx, sy) mm per pixel of the session's input (the visibility stage's widths are in mm)
+        self._spacing: tuple[float, float] | None = None
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -99,7 +101,9 @@ class SessionController:
 
     def _process_frame(self, frame: Any, frame_index: int, timestamp: float | None) -> Any:
         """The sessions' ``process_frame``: one frame through the pipeline and its one host copy."""
-        return self.pipeline.process_frame(frame, frame_index=frame_index, timestamp=timestamp).to_host()
+        return self.pipeline.process_frame(
+            frame, frame_index=frame_index, timestamp=timestamp, spacing=self._spacing
+        ).to_host()
 
     # -- sessions ---------------------------------------------------------------------------------
     def start(
@@ -139,6 +143,8 @@ class SessionController:
                     "a recording (e.g. a PLUS .igs.mha) as a sequence, or choose live mode."
                 )
         pipeline = self.load_pipeline(models, config)
+        spacing = mrml.geometry_from_volume(input_node).spacing
+        self._spacing = (float(spacing[0]), float(spacing[1]))
         if output_node is None:
             output_node = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{input_node.GetName()} segmentation"

@@ -64,14 +64,20 @@ def process_sequence(
     gif: bool = False,
     sync_audit: bool = True,
     keep_results: bool = False,
+    spacing: Any = None,
+    poses: Any = None,
 ) -> dict[str, Any]:
     """Run every frame through ``pipeline`` and write the standard outputs into ``out_dir``.
 
     Outputs: segmentation.seq.nrrd (one labelmap per input frame, the input's geometry, one segment
-    per tracked target), kpi.jsonl, summary.json, overlay.png (and overlay.gif when ``gif``).
+    per tracked target; LOST targets are left out of the labelmaps), kpi.jsonl (with the tracked
+    targets per visibility state), summary.json (with each segment's visibility states over the
+    frames, see `visibility_timeline`), overlay.png (and overlay.gif when ``gif``).
     ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler) into the KPIs.
-    Returns the summary dict (with the `HostResult` list under ``"results"`` when ``keep_results``;
-    it is not written to summary.json).
+    ``spacing``: (sx, sy) mm per pixel (default: ``reference.spacing`` when it has one, else 1 mm);
+    ``poses``: N image-to-reference 4x4 transforms in image mm, None entries where unknown (default:
+    `sequence_poses` of ``reference``). Returns the summary dict (with the `HostResult` list under
+    ``"results"`` when ``keep_results``; it is not written to summary.json).
     """
     from tqdm import tqdm
 
@@ -97,6 +103,11 @@ def process_sequence(
     labelmaps, results = [], []
     n = len(frames)
     stamps = list(timestamps) if timestamps is not None else [None] * n
+    if spacing is None and getattr(reference, "spacing", None) is not None:
+        spacing = tuple(float(v) for v in reference.spacing[:2])
+    if poses is None:
+        poses = sequence_poses(reference)
+    poses = list(poses) if poses is not None else [None] * n
     t_start = time.perf_counter()
     try:
         safe_log_kpi({"event": "start", "source": source, "frames": n, **pipeline.describe()}, sink)
@@ -110,7 +121,11 @@ def process_sequence(
                 t0 = time.perf_counter()
                 with audit.frame(index) if audit is not None else nullcontext():
                     result = pipeline.process_frame(
-                        frames[index], index, _finite_or_none(stamps[index])
+                        frames[index],
+                        index,
+                        _finite_or_none(stamps[index]),
+                        spacing=spacing,
+                        pose=poses[index],
                     ).to_host()
                 wall_ms = (time.perf_counter() - t0) * 1000.0
                 syncs = audit.last_frame.kpi() if audit is not None else {}
@@ -145,6 +160,7 @@ def process_sequence(
             "host_syncs_per_frame": kpi.host_syncs_per_frame(),
             "declared_hops_per_frame": kpi.declared_hops_per_frame(),
             "segments": [{"value": v, "name": name, "color": list(c)} for v, name, c in table.segments()],
+            "visibility": visibility_timeline(results),
             "outputs": sorted(p.name for p in out.iterdir()) + ["summary.json"],
         }
         safe_log_kpi({"event": "summary", **summary}, sink)
@@ -154,6 +170,63 @@ def process_sequence(
     if keep_results:
         summary["results"] = results
     return summary
+
+
+def visibility_timeline(results: Any) -> dict[str, list[list[Any]]]:
+    """Each segment's visibility state over the frames, run-length coded: ``{"vessel-3":
+    [[first frame, last frame, "VISIBLE"], [first, last, "RELOCALIZING"], ...]}`` (frames where a
+    segment is absent are gaps). Empty when the pipeline ran without the visibility stage."""
+    out: dict[str, list[list[Any]]] = {}
+    for result in results:
+        if result.states is None:
+            continue
+        for name, state in zip(result.segment_names(), result.state_names(), strict=True):
+            runs = out.setdefault(name, [])
+            frame = int(result.frame_index)
+            if runs and runs[-1][2] == state and runs[-1][1] == frame - 1:
+                runs[-1][1] = frame
+            else:
+                runs.append([frame, frame, state])
+    return out
+
+
+def sequence_poses(sequence: Any) -> list[Any] | None:
+    """Per frame, the image-to-reference pose a recording carries for the visibility stage, or None.
+
+    Uses a PLUS ``ImageToReference`` or ``ImageToTracker`` transform, else ``ProbeToReference`` /
+    ``ProbeToTracker`` composed with an ``ImageToProbe`` calibration; PLUS's image coordinates are
+    pixels, so each pose is rescaled to image millimetres with the sequence's spacing. A frame whose
+    transform status is not OK gets None. Without a calibrated image transform there is no pose (a
+    probe pose alone does not say how the image lies in the probe): None.
+    """
+    import numpy as np
+
+    transforms = getattr(sequence, "transforms", None) or {}
+    status = getattr(sequence, "transform_status", None) or {}
+    n = len(sequence.frames)
+
+    def ok(name: str) -> np.ndarray:
+        return np.asarray(status.get(name, np.ones(n, bool)), dtype=bool)
+
+    poses = valid = None
+    for name in ("ImageToReference", "ImageToTracker"):
+        if name in transforms:
+            poses, valid = transforms[name], ok(name)
+            break
+    if poses is None and "ImageToProbe" in transforms:
+        for name in ("ProbeToReference", "ProbeToTracker"):
+            if name in transforms:
+                poses = transforms[name] @ transforms["ImageToProbe"]
+                valid = ok(name) & ok("ImageToProbe")
+                break
+    if poses is None:
+        return None
+    sx, sy = (float(v) for v in sequence.spacing[:2])
+    to_pixels = np.diag([1.0 / sx, 1.0 / sy, 1.0, 1.0])
+    return [
+        (pose @ to_pixels) if good and np.all(np.isfinite(pose)) else None
+        for pose, good in zip(poses, valid, strict=True)
+    ]
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -3,7 +3,8 @@
 Both pipelines share the same models and frames; frames alternate between the two paths so that
 machine load drifts affect both equally. Prints FPS, p50/p95 latency per stage, host syncs per
 frame (counted by the runtime audit in a separate pass so the counting never slows the timed pass),
-and the resident/legacy ratios.
+the resident/legacy ratios, and the visibility stage's share of the resident path's frame time
+(its scores and state machine, `UltramotionIGTLib.core.visibility`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def main(argv: Sequence[str]) -> int:
     }
     leg, res = report["paths"]["legacy"], report["paths"]["gpu_resident"]
     report["speedup_fps"] = res["fps"] / leg["fps"]
+    vis_p50 = res["latency_ms"].get("visibility", {}).get("p50")
+    e2e_p50 = res["latency_ms"]["end_to_end"].get("p50")
+    report["visibility_share"] = vis_p50 / e2e_p50 if vis_p50 is not None and e2e_p50 else None
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -119,4 +123,9 @@ def main(argv: Sequence[str]) -> int:
         )
     )
     print(f"\nGPU-resident / legacy FPS: {report['speedup_fps']:.2f}x")
+    if report["visibility_share"] is not None:
+        print(
+            f"visibility stage (scores + state machine): p50 {vis_p50:.2f} ms = "
+            f"{100.0 * report['visibility_share']:.1f} % of the GPU-resident end-to-end p50 ({e2e_p50:.1f} ms)"
+        )
     return 0
