@@ -279,3 +279,55 @@ def test_visibility_stage_has_no_host_sync():
                     pose=np.eye(4),
                 )
     assert audit.result.totals["undeclared"] == 0, audit.result.by_origin()
+
+
+# -- the evaluation's metrics on hand-made logs ---------------------------------------------------------
+
+
+def _log(truth: list[bool], pred_states: list[int | None]):
+    """One target (id 0), frames where it is visible or not, and the state of its matched row (None:
+    no row). Its track sits in slot 0 with id 0."""
+    from UltramotionIGTLib.tools.visibility_eval import FrameLog, SequenceLog
+
+    frames = []
+    for visible, state in zip(truth, pred_states, strict=True):
+        rows = 0 if state is None else 1
+        frames.append(
+            FrameLog(
+                gt_ids=np.array([0]),
+                gt_labels=np.array([0]),
+                gt_boxes=np.array([[0.0, 0, 10, 10]], np.float32),
+                gt_visible=np.array([visible]),
+                events=[],
+                labels=np.zeros(rows, np.int64),
+                boxes=np.tile(np.array([[0.0, 0, 10, 10]], np.float32), (rows, 1)),
+                confidences=np.full(rows, 0.9, np.float32),
+                track_ids=np.zeros(rows, np.int64),
+                states=np.full(rows, state if state is not None else 0, np.int64),
+                scores=np.zeros((rows, len(SCORE_NAMES)), np.float32),
+                slots=np.zeros(rows, np.int64),
+                slot_ids=np.array([0]),
+                born=np.array([False]),
+                slot_states=np.array([state if state is not None else RELOCALIZING]),
+                match=np.array([0 if rows else -1]),
+            )
+        )
+    return SequenceLog(seed=0, frames=frames, max_tracks=1, ms_per_frame=0.0)
+
+
+def test_evaluation_metrics_on_hand_made_logs():
+    from UltramotionIGTLib.tools.visibility_eval import evaluate_logs, single_frame_states
+
+    V, R = VISIBLE, RELOCALIZING
+    truth = [True] * 5 + [False] * 5 + [True] * 5
+    pred = [V, V, V, V, V, V, R, R, R, R, R, V, V, V, V]  # leaves VISIBLE 1 frame late, returns 1 late
+    report = evaluate_logs([_log(truth, pred)])
+    assert report["agreement"] == pytest.approx(13 / 15)
+    assert report["switches"] == 2 and report["switches_within_3"] == 1.0 and report["switch_frames_max"] == 1
+    assert report["flicker_track_states"] == 0
+    late = [V] * 5 + [R] * 10  # leaves on time, never comes back: that switch is missing
+    assert evaluate_logs([_log(truth, late)])["switches_within_3"] == 0.5
+    # a missed detection for one frame reads as a single not-visible frame of the target
+    gap = [V, V, None, V, V]
+    assert evaluate_logs([_log([True] * 5, gap)])["flicker_target_visibility"] == 1
+    assert single_frame_states([0, 0, 1, 0, 0, 1, 1]) == 1 and single_frame_states([0, 1]) == 0

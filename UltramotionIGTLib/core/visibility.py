@@ -67,7 +67,7 @@ class VisibilityConfig:
     State machine (`advance_states`), all in 0..1 except the frame counts:
 
     * ``tau_conf``: detection confidence a target needs to count as seen this frame.
-    * ``theta_on``: quality (geometric mean of S1-S4) needed to enter VISIBLE; ``theta_off``: quality
+    * ``theta_on``: quality (the lowest of S1-S4) needed to enter VISIBLE; ``theta_off``: quality
       below which a frame counts against VISIBLE (``theta_off <= theta_on``: hysteresis).
     * ``theta_cont``: consistency (geometric mean of C1-C3) needed to leave RELOCALIZING/LOST for VISIBLE.
     * ``on_frames`` consecutive good frames enter VISIBLE; ``off_frames`` consecutive bad frames leave
@@ -84,17 +84,17 @@ class VisibilityConfig:
     """
 
     enabled: bool = True
-    tau_conf: float = 0.35
-    theta_on: float = 0.55
-    theta_off: float = 0.45
-    theta_cont: float = 0.35
-    on_frames: int = 2
+    tau_conf: float = 0.3
+    theta_on: float = 0.5
+    theta_off: float = 0.4
+    theta_cont: float = 0.2
+    on_frames: int = 1
     off_frames: int = 1
     lost_frames: int = 10
     min_dwell: int = 2
     edge_mm: float = 0.8
     ring_mm: float = 1.6
-    sharpness_half: float = 1.0
+    sharpness_half: float = 1.3
     cnr_half: float = 2.0
     motion_sigma_mm: float = 2.0
     analysis_size: int = 96
@@ -550,7 +550,9 @@ class VisibilityMonitor:
         * **C3 spatial consistency with the probe motion** -- ``exp(-d^2 / (2 sigma^2 n))``: d (mm) the
           distance of the box centre from where the probe motion puts the track's previous centre (no
           motion without a pose), n the frames since that observation, sigma = ``motion_sigma_mm``.
-        * **quality** = geometric mean of S1-S4; **consistency** = geometric mean of C1-C3.
+        * **quality** = min(S1..S4): any one failing aspect makes the image of the target untrustworthy;
+          **consistency** = geometric mean of C1-C3: three pieces of evidence that the target is the
+          same one, weighed together.
 
         ``regions`` 3xKxhxw float (W_edge, W_in, W_out), ``slot`` K int64 rows' slots (M = none),
         ``born_ext`` M+1 bool. No host sync.
@@ -675,7 +677,7 @@ class VisibilityMonitor:
 
         s = torch.stack((s1, s2, s3, s4), dim=1)
         c = torch.stack((c1, c2, c3), dim=1)
-        scores = torch.cat((s, c, _geometric_mean(s)[:, None], _geometric_mean(c)[:, None]), dim=1)
+        scores = torch.cat((s, c, s.amin(dim=1, keepdim=True), _geometric_mean(c)[:, None]), dim=1)
         geometry = torch.cat((area_mm[:, None], centre), dim=1)
         return scores.to(torch.float32), masks, geometry, grey
 

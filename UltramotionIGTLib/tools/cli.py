@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "UltramotionIGTLib.tools.evaluate:main",
         "held-out phantom metrics: AP50, SAM Dice, end-to-end Dice",
     ),
+    "evaluate-visibility": (
+        "UltramotionIGTLib.tools.visibility_eval:main",
+        "visibility states vs the phantom's ground truth on sequences with events",
+    ),
     "models": ("UltramotionIGTLib.models.packs:main", "model packs: list | verify | import PACK"),
     "demo": (
         "UltramotionIGTLib.tools.demo:main",

@@ -259,7 +259,7 @@ class PhantomEvents:
     shadow_s: tuple[float, float] = (0.6, 1.0)
     shadow_ramp_s: float = 0.3
     shadow_db: tuple[float, float] = (35.0, 45.0)
-    shadow_margin_mm: float = 1.5
+    shadow_margin_mm: float = 4.0
     contact_s: tuple[float, float] = (0.5, 1.0)
     contact_loss_db: float = 40.0
     contact_noise_gain: float = 15.0
@@ -1137,10 +1137,11 @@ class PhantomStream:
 
 
 def _box_blur_rows(amp: np.ndarray, length: float) -> np.ndarray:
-    """Average each row of ``amp`` over a centred window of ``length`` pixels (fractional ends
-    weighted; edges use the pixels available): the lateral smear of probe motion during a frame."""
+    """Average each row of ``amp`` over a centred window ``length`` pixels wide (a pixel's own width
+    included, so 1 changes nothing; fractional ends weighted; edges repeat the last pixel): the lateral
+    smear of probe motion during a frame."""
     h, w = amp.shape
-    half = 0.5 * float(length)
+    half = 0.5 * max(float(length) - 1.0, 0.0)
     whole = int(math.floor(half))
     frac = np.float32(half - whole)
     padded = np.pad(amp, ((0, 0), (whole + 1, whole + 1)), mode="edge").astype(np.float64)
