@@ -106,18 +106,22 @@ class ResultPacket:
         with_visibility = self.states is not None and self.visibility is not None
         if with_visibility:
             columns += [self.states.to(torch.float64)[:, None], self.visibility.to(torch.float64)]
+        tracks = self.tracks if self.tracks is not None else self.track_ids.new_zeros(0, 3)
         with allowed_host_transfer("ResultPacket.to_host"):
             table = torch.cat(columns, dim=1)
-            buffers = [table, self.masks] + ([self.tracks] if self.tracks is not None else [])
             if self.device.type == "cuda":
-                hosts = [torch.empty(b.shape, dtype=b.dtype, pin_memory=True) for b in buffers]
-                for host, buffer in zip(hosts, buffers, strict=True):
-                    host.copy_(buffer, non_blocking=True)
+                host_table = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+                host_masks = torch.empty(self.masks.shape, dtype=torch.bool, pin_memory=True)
+                host_tracks = torch.empty(tracks.shape, dtype=tracks.dtype, pin_memory=True)
+                host_table.copy_(table, non_blocking=True)
+                host_masks.copy_(self.masks, non_blocking=True)
+                host_tracks.copy_(tracks, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
             else:
-                hosts = [b.detach() for b in buffers]
-            table_np, masks_np = hosts[0].numpy(), hosts[1].numpy()
-            tracks_np = hosts[2].numpy() if self.tracks is not None else None
+                host_table, host_masks, host_tracks = table.detach(), self.masks.detach(), tracks.detach()
+            table_np = host_table.numpy()
+            masks_np = host_masks.numpy()
+            tracks_np = host_tracks.numpy() if self.tracks is not None else None
         keep = table_np[:, 6] > 0.5
         stage_ms = self.timer.elapsed_ms() if self.timer is not None else {}
         states = visibility = tracks = None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -223,14 +223,14 @@ def mask_region_maps(
     return dilated & ~eroded, inside, wide & ~dilated
 
 
-def as_pose(pose: Any) -> np.ndarray:
+def as_pose(pose: np.ndarray) -> np.ndarray:
     """A frame's image-to-reference transform as a 4x4 float64 numpy array (mm), validated.
 
-    ``pose``: 4x4 array-like (numpy, list or CPU tensor) that maps image millimetres (x = column x
-    sx, y = row x sy, z = 0) to a fixed reference frame. Raises ValueError for another shape or
-    non-finite values.
+    ``pose``: 4x4 host array-like (numpy, nested lists) that maps image millimetres (x = column x
+    sx, y = row x sy, z = 0) to a fixed reference frame: poses come from the tracker with the frame,
+    on the host. Raises ValueError for another shape or non-finite values.
     """
-    matrix = np.asarray(pose.detach().cpu() if isinstance(pose, torch.Tensor) else pose, dtype=np.float64)
+    matrix = np.asarray(pose, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
         raise ValueError(f"pose must be a finite 4x4 transform, got shape {matrix.shape}")
     return matrix
