@@ -331,3 +331,33 @@ def test_evaluation_metrics_on_hand_made_logs():
     gap = [V, V, None, V, V]
     assert evaluate_logs([_log([True] * 5, gap)])["flicker_target_visibility"] == 1
     assert single_frame_states([0, 0, 1, 0, 0, 1, 1]) == 1 and single_frame_states([0, 1]) == 0
+
+
+def test_pipeline_with_scores_pose_and_tracking_makes_no_undeclared_host_sync():
+    """The whole frame (shipped demo models, tracker on, spacing and probe pose given, phantom frames
+    with events) under the runtime audit: every hop is the declared one of ``to_host()``."""
+    from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+    from UltramotionIGTLib.models.packs import default_pack, load_pack
+    from UltramotionIGTLib.tools.visibility_eval import event_stream
+
+    detector, segmenter, _ = load_pack(default_pack(), device="cpu")
+    pipeline = Pipeline(detector, segmenter, PipelineConfig(device="cpu"))
+    assert pipeline.config.visibility.enabled and pipeline.tracker is not None
+    stream = event_stream(seed=3, n_frames=8)
+    spacing = (stream.config.spacing_mm, stream.config.spacing_mm)
+    states_seen = 0
+    with RuntimeTransferAudit("cpu") as audit:
+        for i in range(len(stream)):
+            truth = stream.frame(i)
+            with audit.frame(i):
+                packet = pipeline.process_frame(
+                    truth.image, i, truth.timestamp, spacing=spacing, pose=truth.info["image_to_world"]
+                )
+                result = packet.to_host()
+            assert result.states is not None and result.visibility.shape == (len(result), len(SCORE_NAMES))
+            states_seen += len(result)
+    assert states_seen > 0  # targets were found, so the scores ran on real masks
+    frames = audit.result.frames
+    assert len(frames) == len(stream)
+    assert [f.undeclared for f in frames] == [0] * len(stream), audit.result.by_origin()
+    assert all(f.declared > 0 for f in frames)  # to_host()'s declared copies are seen, so the count works

@@ -333,12 +333,21 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--pack", default=None, help="model pack (default: the shipped demo pack)")
     parser.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N")
     parser.add_argument("--no-pose", action="store_true", help="do not give the pipeline the probe pose")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: no oversubscription on shared CPUs)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(list(argv))
     from UltramotionIGTLib.errors import InputFileError
 
-    if args.sequences < 1 or args.frames < 2:
-        raise InputFileError("--sequences must be >= 1 and --frames >= 2")
+    if args.sequences < 1 or args.frames < 2 or args.threads < 1:
+        raise InputFileError("--sequences and --threads must be >= 1, --frames >= 2")
+    import torch
+
+    torch.set_num_threads(args.threads)
     pipeline = load_pipeline(args)
     logs = [
         run_sequence(pipeline, event_stream(seed, args.frames), use_pose=not args.no_pose)
