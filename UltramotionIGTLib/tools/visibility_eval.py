@@ -15,6 +15,8 @@ Metrics, pooled over the sequences:
   of the result row matched to it (same class, box IoU >= 0.3, one-to-one by `linear_sum_assignment`);
   no matched row counts as not visible. A VISIBLE row matched to no target (a false alarm shown as
   trustworthy) counts as one more disagreeing pair.
+* **agreement in view** -- the same over the (target, frame) pairs where the phantom has the target
+  (its ground-truth rows; a needle before its insertion is not there), plus the false-alarm pairs.
 * **switches** -- for each change of a target's ground truth (from a run of at least 3 frames), the
   distance in frames to the nearest change of its predicted visibility to the same value; ``within 3``
   is the fraction at most 3 frames away (early or late).
@@ -214,6 +216,7 @@ def evaluate_logs(
     from UltramotionIGTLib.core.packet import VISIBLE
 
     agree = pairs = false_visible = 0
+    agree_view = pairs_view = 0
     distances: list[int] = []
     flicker_tracks = flicker_targets = 0
     per_event: dict[str, list[int]] = {}
@@ -229,6 +232,8 @@ def evaluate_logs(
                 truth[int(t)][i] = bool(f.gt_visible[g])
                 r = f.match[g]
                 pred[int(t)][i] = r >= 0 and int(row_states[r]) == VISIBLE
+                agree_view += int(pred[int(t)][i] == truth[int(t)][i])
+                pairs_view += 1
             matched = set(int(r) for r in f.match if r >= 0)
             false_visible += sum(
                 1 for r in range(len(f.labels)) if r not in matched and int(row_states[r]) == VISIBLE
@@ -252,6 +257,8 @@ def evaluate_logs(
     return {
         "agreement": agree / total if total else None,
         "pairs": pairs,
+        "agreement_in_view": agree_view / (pairs_view + false_visible) if pairs_view else None,
+        "pairs_in_view": pairs_view,
         "false_visible": false_visible,
         "switches": int(dist.size),
         "switches_within_3": float(np.mean(dist <= SWITCH_WINDOW)) if dist.size else None,
@@ -370,6 +377,10 @@ def main(argv: Sequence[str]) -> int:
         f"{report['frames']} frames, pose {'on' if report['pose'] else 'off'}):"
     )
     print(f"  agreement {report['agreement']:.4f} over {report['pairs']} (target, frame) pairs")
+    print(
+        f"  agreement {report['agreement_in_view']:.4f} over the {report['pairs_in_view']} pairs where the "
+        "target is in the phantom (a needle before its insertion or after its withdrawal left out)"
+    )
     print(f"  false VISIBLE rows {report['false_visible']}")
     if report["switches"]:
         print(
