@@ -361,3 +361,14 @@ def test_pipeline_with_scores_pose_and_tracking_makes_no_undeclared_host_sync():
     assert len(frames) == len(stream)
     assert [f.undeclared for f in frames] == [0] * len(stream), audit.result.by_origin()
     assert all(f.declared > 0 for f in frames)  # to_host()'s declared copies are seen, so the count works
+
+
+@pytest.mark.parametrize("bad", [["--threads", "0"], ["--frames", "1"], ["--sequences", "0"]])
+def test_evaluate_visibility_rejects_bad_options_in_one_line(bad, capsys):
+    from UltramotionIGTLib.tools.cli import main as cli_main
+
+    threads = torch.get_num_threads()
+    assert cli_main(["evaluate-visibility", *bad]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "evaluate-visibility" in err and "Traceback" not in err
+    assert torch.get_num_threads() == threads  # refused before it touched the process's settings
