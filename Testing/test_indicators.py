@@ -125,6 +125,7 @@ def test_panel_shows_every_kpi():
         mask_age_ms=33.0,
         latest_frame_index=123,
         targets=3,
+        visibility={"visible": 2, "relocalizing": 1, "lost": 0},
     )
     text = format_kpi_panel(snap)
     rows = _panel_dict(text)
@@ -138,6 +139,7 @@ def test_panel_shows_every_kpi():
     assert rows["GPU memory"] == "512 MiB allocated, 1.0 GiB reserved of 79.6 GiB"
     assert rows["Mask shown"] == "frame #120, age 33.0 ms, 3 frames behind"
     assert rows["Targets"] == "3"
+    assert rows["Visibility"] == "2 visible, 1 relocalizing, 0 lost"
     # per-stage lines: pipeline order first, unknown stages after; values are the real percentiles
     stage_lines = [line for line in text.splitlines() if line.startswith("  ")]
     assert [line.split()[0] for line in stage_lines] == ["detector", "sam_decoder", "my_custom_stage"]
@@ -213,6 +215,7 @@ def test_aggregator_and_snapshot_from_frame_records():
             device="cpu",
             path="gpu_resident",
             targets=i % 3,
+            visibility={"visible": i % 3, "relocalizing": 1, "lost": 0},
             stage_ms={"sam_decoder": 2.0, "detector": 10.0 + i},
             wall_ms=wall,
         )
@@ -227,6 +230,7 @@ def test_aggregator_and_snapshot_from_frame_records():
     assert snap.frames_behind == 2
     assert snap.mask_age_ms == pytest.approx(10.0)
     assert snap.targets == 14 % 3
+    assert snap.visibility == {"visible": 14 % 3, "relocalizing": 1, "lost": 0}  # the last frame's
     last10 = np.array(walls[-10:])
     assert snap.end_to_end_ms["p50"] == pytest.approx(np.percentile(last10, 50))
     assert snap.end_to_end_ms["p95"] == pytest.approx(np.percentile(last10, 95))

@@ -334,3 +334,45 @@ def test_volume_sequence_from_frames_keeps_frames_and_index_values(context):
         node = sequence.GetNthDataNode(i)
         np.testing.assert_array_equal(mrml.frame_from_volume(node), frame)
         assert mrml.geometry_from_volume(node).is_same(geometry)
+
+
+def test_visibility_states_tag_hide_and_dim_segments(context):
+    """LOST segments are hidden, RELOCALIZING ones drawn dimmed, the state is in each segment's tag;
+    the display changes only when a state does."""
+    from UltramotionIGTLib.core.packet import LOST, RELOCALIZING, VISIBLE
+
+    shape = (30, 40)
+    segmentation = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    writer = mrml.SegmentationWriter(segmentation, oblique_geometry(shape))
+    display = segmentation.GetDisplayNode()
+    seg = segmentation.GetSegmentation()
+    masks = np.random.default_rng(1).random((3, *shape)) > 0.6
+    points = context.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points_writer = mrml.TargetPointsWriter(points, oblique_geometry(shape))
+
+    def write(states):
+        result = result_from_masks(masks, labels=[0, 0, 1], track_ids=[1, 2, 3])
+        result.states = np.asarray(states, np.int64)
+        writer.write(result)
+        return points_writer.write(result)
+
+    assert write([VISIBLE, RELOCALIZING, LOST]) == 2  # no target point for the LOST target
+
+    def tag(segment_id):
+        value = vtk.reference("")
+        assert seg.GetSegment(segment_id).GetTag(mrml.VISIBILITY_TAG, value)
+        return str(value)
+
+    tags = {s: tag(s) for s in ("vessel-1", "vessel-2", "needle-3")}
+    assert tags == {"vessel-1": "VISIBLE", "vessel-2": "RELOCALIZING", "needle-3": "LOST"}
+    assert display.GetSegmentVisibility("vessel-1") and display.GetSegmentVisibility("vessel-2")
+    assert not display.GetSegmentVisibility("needle-3")
+    assert display.GetSegmentOpacity2DFill("vessel-2") == pytest.approx(mrml.RELOCALIZING_FILL_OPACITY)
+    assert display.GetSegmentOpacity2DFill("vessel-1") == pytest.approx(1.0)
+    modified = display.GetMTime()
+    write([VISIBLE, RELOCALIZING, LOST])
+    assert display.GetMTime() == modified  # same states: display untouched
+    write([RELOCALIZING, VISIBLE, RELOCALIZING])
+    assert display.GetSegmentVisibility("needle-3")
+    assert display.GetSegmentOpacity2DFill("vessel-1") == pytest.approx(mrml.RELOCALIZING_FILL_OPACITY)
+    assert tag("vessel-2") == "VISIBLE"

@@ -91,7 +91,8 @@ def test_compute_mask_weights_against_numpy():
     probs = rng.uniform(0, 1, (3, 12, 17)).astype(np.float32)
     scores = np.array([0.9, 0.5, 0.7], np.float32)
     valid = np.array([True, True, False])
-    w, c, a = compute_mask_weights(torch.from_numpy(probs), torch.from_numpy(scores), torch.from_numpy(valid))
+    out = compute_mask_weights(torch.from_numpy(probs), torch.from_numpy(scores), torch.from_numpy(valid))
+    w, c, a = out.weights, out.centroids, out.areas
     ys, xs = np.mgrid[0:12, 0:17]
     for i in range(2):
         wi = probs[i] * scores[i]
@@ -159,3 +160,38 @@ def test_packet_to_host_keeps_valid_targets_and_labelmaps():
     lm_b = table.labelmap(host_b)  # needle-2 keeps value 2, vessel-9 is new -> 3
     assert lm_b[3, 0] == 2 and lm_b[4, 0] == 3
     assert [s[1] for s in table.segments()] == ["vessel-7", "needle-2", "vessel-9"]
+
+
+def test_visibility_states_reach_the_host_result_labelmaps_and_overlay():
+    from UltramotionIGTLib.core.packet import LOST, RELOCALIZING, SCORE_NAMES, VISIBLE
+    from UltramotionIGTLib.tools.overlay import draw_overlay
+
+    masks = np.zeros((3, 20, 24), bool)
+    masks[0, 2:8, 2:8] = True
+    masks[1, 10:16, 2:8] = True
+    masks[2, 10:16, 12:20] = True
+    packet = _packet(masks, [True, True, True], [0, 0, 1], [4, 5, 6], [0.9, 0.8, 0.7])
+    packet.states = torch.tensor([VISIBLE, RELOCALIZING, LOST])
+    packet.visibility = torch.linspace(0, 1, 3 * len(SCORE_NAMES)).reshape(3, len(SCORE_NAMES))
+    packet.tracks = torch.tensor(
+        [[4, 0, VISIBLE], [5, 0, RELOCALIZING], [6, 1, LOST], [-1, 0, LOST], [9, 1, LOST]]
+    )
+    host = packet.to_host()
+    assert host.state_names() == ["VISIBLE", "RELOCALIZING", "LOST"]
+    np.testing.assert_allclose(host.visibility, packet.visibility.numpy(), rtol=1e-6)
+    assert host.tracks.tolist() == [[4, 0, 0], [5, 0, 1], [6, 1, 2], [9, 1, 2]]  # confirmed tracks only
+    assert host.state_counts() == {"visible": 1, "relocalizing": 1, "lost": 2}
+    assert host.shown.tolist() == [True, True, False]
+    lm = host.labelmap()
+    assert lm[3, 3] == 1 and lm[12, 3] == 1 and lm[12, 15] == 0  # the LOST needle is hidden
+    assert SegmentTable().labelmap(host)[12, 15] == 0
+    frame = np.full((20, 24), 100, np.uint8)
+    rgb = draw_overlay(frame, host).astype(int)
+    tinted = np.abs(rgb - 100).sum(axis=2)
+    assert tinted[4, 4] > tinted[13, 4] > 0  # VISIBLE filled, RELOCALIZING dimmed (its inside)
+    assert tinted[12, 16] == 0  # the LOST target's mask is not drawn
+    from UltramotionIGTLib.core.kpi import FrameRecord
+
+    record = FrameRecord.from_result(host)
+    assert record.visibility == {"visible": 1, "relocalizing": 1, "lost": 2}
+    assert FrameRecord.from_dict(record.to_dict()).visibility == record.visibility

@@ -81,6 +81,36 @@ def test_run_spine_phantom_end_to_end(plus_dir, models, tmp_path):
     assert summary["host_syncs_per_frame"] == 0
     names = {s["name"] for s in summary["segments"]}
     assert names and all(n.split("-")[0] in ("vessel", "needle") for n in names)
+    # visibility: counts per state in every KPI record, each segment's states over the frames
+    assert all(set(r["visibility"]) == {"visible", "relocalizing", "lost"} for r in frames)
+    assert summary["latency_ms"]["visibility"]["p50"] > 0
+    timeline = summary["visibility"]
+    assert set(timeline) <= names | {n.split("-")[0] for n in names} and timeline
+    for runs in timeline.values():
+        assert all(
+            first <= last and state in ("VISIBLE", "RELOCALIZING", "LOST") for first, last, state in runs
+        )
+
+
+def test_sequence_poses_use_a_calibrated_image_transform_in_millimetres():
+    from UltramotionIGTLib.io import UltrasoundSequence
+    from UltramotionIGTLib.tools.run import sequence_poses
+
+    frames = np.zeros((3, 4, 5), np.uint8)
+    probe = np.repeat(np.eye(4)[None], 3, axis=0)
+    probe[:, 0, 3] = [0.0, 1.0, 2.0]
+    image_to_probe = np.repeat(np.diag([0.2, 0.3, 1.0, 1.0])[None], 3, axis=0)  # pixels -> mm
+    plain = UltrasoundSequence(frames=frames, spacing=(0.2, 0.3, 1.0), transforms={"ProbeToTracker": probe})
+    assert sequence_poses(plain) is None  # a probe pose alone does not place the image
+    calibrated = UltrasoundSequence(
+        frames=frames,
+        spacing=(0.2, 0.3, 1.0),
+        transforms={"ProbeToTracker": probe, "ImageToProbe": image_to_probe},
+        transform_status={"ProbeToTracker": np.array([True, False, True])},
+    )
+    poses = sequence_poses(calibrated)
+    assert poses[1] is None  # transform status not OK
+    np.testing.assert_allclose(poses[2], probe[2])  # image mm -> pixels -> mm: the probe pose itself
 
 
 def test_run_legacy_path_counts_host_syncs(plus_dir, models, tmp_path):

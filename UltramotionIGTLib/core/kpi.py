@@ -30,7 +30,16 @@ import numpy as np
 LOG = logging.getLogger(__name__)
 
 #: Device stages of `Pipeline.process_frame`, in the order they run.
-STAGES: tuple[str, ...] = ("prepare", "detector", "select", "sam_encoder", "sam_decoder", "weights", "track")
+STAGES: tuple[str, ...] = (
+    "prepare",
+    "detector",
+    "select",
+    "sam_encoder",
+    "sam_decoder",
+    "weights",
+    "track",
+    "visibility",
+)
 #: Host-side stages after the frame's device-to-host copy: writing the result (MRML, file, network).
 HOST_STAGES: tuple[str, ...] = ("mrml",)
 #: Every known stage, in order; other names are kept and listed after these, in the order seen.
@@ -115,7 +124,9 @@ class FrameRecord:
 
     frame: index of the frame in its stream (arrival number live, item number in a recording).
     stage_ms: milliseconds per stage (`STAGES`, then `HOST_STAGES`), CUDA-event or perf_counter time.
-    targets: valid targets in the result. device: ``"cpu"``, ``"cuda:0"``... path: ``"gpu_resident"``
+    targets: valid targets in the result. visibility: confirmed tracks per visibility state
+    (``{"visible": n, "relocalizing": n, "lost": n}``; None when the stage is off). device: ``"cpu"``,
+    ``"cuda:0"``... path: ``"gpu_resident"``
     (the core pipeline) or ``"legacy"`` (the in-house habits kept for comparison). tensor_devices:
     the device of each result before the host copy (boxes, masks, weights, track ids).
     timestamp: acquisition time of the frame in seconds, on the sender's clock when it has one.
@@ -134,6 +145,7 @@ class FrameRecord:
     frame: int
     stage_ms: dict[str, float] = field(default_factory=dict)
     targets: int | None = None
+    visibility: dict[str, int] | None = None
     device: str | None = None
     path: str | None = None
     tensor_devices: dict[str, str] | None = None
@@ -155,12 +167,14 @@ class FrameRecord:
 
     @classmethod
     def from_result(cls, result: Any, **values: Any) -> FrameRecord:
-        """The record of a `HostResult` (frame index, stage times, targets, device, path) plus
-        ``values``: fields by name, anything else into ``extra``."""
+        """The record of a `HostResult` (frame index, stage times, targets, visibility counts, device,
+        path) plus ``values``: fields by name, anything else into ``extra``."""
+        counts = getattr(result, "state_counts", None)
         base: dict[str, Any] = {
             "frame": int(result.frame_index),
             "stage_ms": {str(k): float(v) for k, v in (result.stage_ms or {}).items()},
             "targets": len(result),
+            "visibility": counts() if counts is not None else None,
             "device": getattr(result, "device", None),
             "path": getattr(result, "path", None),
             "tensor_devices": getattr(result, "tensor_devices", None) or None,

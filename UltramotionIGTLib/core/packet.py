@@ -3,6 +3,10 @@
 Everything in a `ResultPacket` stays on the device where it was computed. ``to_host()`` is the
 pipeline's single intended device-to-host hop (declared to the transfer audit) and returns a
 `HostResult` with numpy arrays, keeping only valid targets.
+
+Visibility (`UltramotionIGTLib.core.visibility`): each target's state -- VISIBLE, RELOCALIZING or
+LOST -- and scores travel with it; outputs hide LOST targets (`HostResult.shown`, the labelmaps) and
+draw RELOCALIZING ones dimmed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ CLASS_COLORS: dict[str, tuple[float, float, float]] = {
     "needle": (0.95, 0.85, 0.15),
 }
 DEFAULT_COLOR = (0.6, 0.6, 0.6)
+
+#: Visibility state codes and names (`UltramotionIGTLib.core.visibility.STATE_NAMES`), kept here too so
+#: that host-side readers need no torch import.
+STATE_NAMES: tuple[str, ...] = ("VISIBLE", "RELOCALIZING", "LOST")
+VISIBLE, RELOCALIZING, LOST = 0, 1, 2
+#: Columns of `HostResult.visibility` (`UltramotionIGTLib.core.visibility.SCORE_NAMES`).
+SCORE_NAMES: tuple[str, ...] = (
+    "S1_sharpness",
+    "S2_snr",
+    "S3_continuity",
+    "S4_stability",
+    "C1_geometry",
+    "C2_coherence",
+    "C3_motion",
+    "quality",
+    "consistency",
+)
 
 
 UNTRACKED = "untracked"
@@ -52,7 +73,10 @@ class ResultPacket:
     centroids Kx2 (x, y pixels, weighted by mask probability and score); areas K (weighted pixel
     count); track_ids K (int64, -1 when untracked). ``path`` names the pipeline implementation
     (``"gpu_resident"``, or ``"legacy"`` for the benchmarks' in-house-habits path). ``intensity``:
-    the stream's intensity window (`core.intensity.IntensityWindow.to_dict`).
+    the stream's intensity window (`core.intensity.IntensityWindow.to_dict`). Visibility (None
+    when the stage is off): states K (int64 `STATE_NAMES` code), visibility Kx9 (float32 scores,
+    `SCORE_NAMES` columns), tracks Mx3 (int64 per tracker slot: track id, -1 for no confirmed track;
+    label; state).
     """
 
     frame_index: int
@@ -70,6 +94,9 @@ class ResultPacket:
     timer: StageTimer | None = None
     path: str = "gpu_resident"
     intensity: dict[str, Any] | None = None
+    states: torch.Tensor | None = None
+    visibility: torch.Tensor | None = None
+    tracks: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -79,31 +106,43 @@ class ResultPacket:
         """Copy to the host in one hop (two buffers, one wait) and drop invalid targets."""
         import torch
 
-        with allowed_host_transfer("ResultPacket.to_host", max_syncs=2):
-            table = torch.cat(
-                [
-                    self.boxes.to(torch.float64),
-                    self.scores.to(torch.float64)[:, None],
-                    self.labels.to(torch.float64)[:, None],
-                    self.valid.to(torch.float64)[:, None],
-                    self.centroids.to(torch.float64),
-                    self.areas.to(torch.float64)[:, None],
-                    self.track_ids.to(torch.float64)[:, None],
-                ],
-                dim=1,
-            )
+        columns = [
+            self.boxes.to(torch.float64),
+            self.scores.to(torch.float64)[:, None],
+            self.labels.to(torch.float64)[:, None],
+            self.valid.to(torch.float64)[:, None],
+            self.centroids.to(torch.float64),
+            self.areas.to(torch.float64)[:, None],
+            self.track_ids.to(torch.float64)[:, None],
+        ]
+        with_visibility = self.states is not None and self.visibility is not None
+        if with_visibility:
+            columns += [self.states.to(torch.float64)[:, None], self.visibility.to(torch.float64)]
+        tracks = self.tracks if self.tracks is not None else self.track_ids.new_zeros(0, 3)
+        # one wait for two host buffers (table, masks), three with the track table
+        with allowed_host_transfer("ResultPacket.to_host", max_syncs=2 + (self.tracks is not None)):
+            table = torch.cat(columns, dim=1)
             if self.device.type == "cuda":
                 host_table = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
                 host_masks = torch.empty(self.masks.shape, dtype=torch.bool, pin_memory=True)
+                host_tracks = torch.empty(tracks.shape, dtype=tracks.dtype, pin_memory=True)
                 host_table.copy_(table, non_blocking=True)
                 host_masks.copy_(self.masks, non_blocking=True)
+                host_tracks.copy_(tracks, non_blocking=True)
                 torch.cuda.current_stream(self.device).synchronize()
             else:
-                host_table, host_masks = table.detach(), self.masks.detach()
+                host_table, host_masks, host_tracks = table.detach(), self.masks.detach(), tracks.detach()
             table_np = host_table.numpy()
             masks_np = host_masks.numpy()
+            tracks_np = host_tracks.numpy() if self.tracks is not None else None
         keep = table_np[:, 6] > 0.5
         stage_ms = self.timer.elapsed_ms() if self.timer is not None else {}
+        states = visibility = tracks = None
+        if with_visibility:
+            states = table_np[keep, 11].astype(np.int64)
+            visibility = table_np[keep, 12:].astype(np.float32)
+        if tracks_np is not None:
+            tracks = np.ascontiguousarray(tracks_np[tracks_np[:, 0] >= 0].astype(np.int64))
         return HostResult(
             frame_index=self.frame_index,
             image_size=self.image_size,
@@ -121,6 +160,9 @@ class ResultPacket:
             path=self.path,
             tensor_devices=self.tensor_devices(),
             intensity=self.intensity,
+            states=states,
+            visibility=visibility,
+            tracks=tracks,
         )
 
     def tensor_devices(self) -> dict[str, str]:
@@ -139,7 +181,10 @@ class HostResult:
 
     ``stage_ms``: milliseconds per stage (`UltramotionIGTLib.core.kpi.STAGES`); ``device``,
     ``tensor_devices`` and ``path``: where and by which implementation it was computed, ``intensity``:
-    the intensity window its frame went through (all for the KPI record).
+    the intensity window its frame went through (all for the KPI record). Visibility (None when the
+    stage was off): ``states`` M int64 codes (`STATE_NAMES`), ``visibility`` Mx9 float32 scores
+    (`SCORE_NAMES`), ``tracks`` Tx3 int64 (track id, label, state) of every confirmed track, matched
+    this frame or not.
     """
 
     frame_index: int
@@ -158,9 +203,44 @@ class HostResult:
     path: str | None = None
     tensor_devices: dict[str, str] = field(default_factory=dict)
     intensity: dict[str, Any] | None = None
+    states: np.ndarray | None = None
+    visibility: np.ndarray | None = None
+    tracks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def state_names(self) -> list[str]:
+        """Each target's visibility state name (``"VISIBLE"`` for all when the stage was off)."""
+        if self.states is None:
+            return [STATE_NAMES[VISIBLE]] * len(self)
+        return [STATE_NAMES[int(s)] if 0 <= int(s) < len(STATE_NAMES) else "UNKNOWN" for s in self.states]
+
+    def segment_states(self) -> dict[str, str]:
+        """Each segment's visibility state (`segments` order): its targets' best, VISIBLE before
+        RELOCALIZING before LOST (an untracked segment merges several targets)."""
+        rank = {name: i for i, name in enumerate(STATE_NAMES)}
+        best: dict[str, str] = {}
+        for name, state in zip(self.segment_names(), self.state_names(), strict=True):
+            if rank.get(state, len(rank)) < rank.get(best.get(name, ""), len(rank) + 1):
+                best[name] = state
+        return best
+
+    @property
+    def shown(self) -> np.ndarray:
+        """M bool: the targets an output should draw (all but LOST)."""
+        if self.states is None:
+            return np.ones(len(self), dtype=bool)
+        return np.asarray(self.states) != LOST
+
+    def state_counts(self) -> dict[str, int] | None:
+        """Confirmed tracks per state, ``{"visible": n, "relocalizing": n, "lost": n}`` (from the
+        track table, which includes tracks missed this frame; from the targets when untracked).
+        None when the visibility stage was off."""
+        if self.states is None:
+            return None
+        codes = self.tracks[:, 2] if self.tracks is not None else self.states
+        return {name.lower(): int(np.count_nonzero(codes == i)) for i, name in enumerate(STATE_NAMES)}
 
     def class_name(self, i: int) -> str:
         label = int(self.labels[i])
@@ -187,12 +267,15 @@ class HostResult:
     def labelmap(self, by: str = "class", dtype: Any = np.uint8) -> np.ndarray:
         """HxW label image. ``by="class"``: value = class index + 1; ``by="target"``: value = row + 1.
 
-        Where masks overlap, the higher-scoring target wins.
+        Where masks overlap, the higher-scoring target wins. LOST targets are left out.
         """
         if by not in ("class", "target"):
             raise ValueError(f"labelmap(by=...) must be 'class' or 'target', not {by!r}")
         out = np.zeros(self.image_size, dtype=dtype)
+        shown = self.shown
         for i in np.argsort(self.scores, kind="stable"):
+            if not shown[i]:
+                continue
             value = int(self.labels[i]) + 1 if by == "class" else int(i) + 1
             out[self.masks[i]] = value
         return out
@@ -219,14 +302,17 @@ class SegmentTable:
 
     def labelmap(self, result: HostResult) -> np.ndarray:
         """HxW labelmap of ``result`` with this table's values (uint8; uint16 past 255 segments, uint32
-        past 65535). Where masks overlap, the higher-scoring target wins."""
+        past 65535). Where masks overlap, the higher-scoring target wins. LOST targets are hidden (left
+        out); their segment keeps its value for when it comes back."""
         names, colors = result.segment_names(), result.segment_colors()
         values = [self.value_for(n, c) for n, c in zip(names, colors, strict=True)]
         count = len(self._values)
         dtype = np.uint8 if count <= 255 else np.uint16 if count <= 65535 else np.uint32
         out = np.zeros(result.image_size, dtype=dtype)
+        shown = result.shown
         for i in np.argsort(result.scores, kind="stable"):
-            out[result.masks[i]] = values[i]
+            if shown[i]:
+                out[result.masks[i]] = values[i]
         return out
 
     def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:

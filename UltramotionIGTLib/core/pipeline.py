@@ -1,4 +1,5 @@
-"""The orchestrator: frame -> D-FINE -> prompt selection -> SAM -> mask weights -> tracker -> ResultPacket.
+"""The orchestrator: frame -> D-FINE -> prompt selection -> SAM -> mask weights -> tracker -> visibility
+-> ResultPacket.
 
 One host-to-device copy of the frame (`prepare_inference_inputs`); everything after it stays on the
 device with fixed shapes (K = classes x max_targets_per_class prompts, invalid ones masked, never
@@ -23,10 +24,10 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,13 @@ from UltramotionIGTLib.core.intensity import (
 )
 from UltramotionIGTLib.core.kpi import FrameRecord, KpiSink, StageTimer, safe_log_kpi
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
+from UltramotionIGTLib.core.visibility import (
+    VisibilityConfig,
+    VisibilityMonitor,
+    analysis_stride,
+    as_pose,
+    mask_region_maps,
+)
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 
 LOG = logging.getLogger(__name__)
@@ -55,7 +63,8 @@ class PipelineConfig:
     device: ``auto | cpu | cuda[:N]``. score_threshold: detections scoring above it become prompts
     (0..1). max_targets_per_class: prompt slots per class (K = classes x this). nms_iou: a prompt
     overlapping a higher-scoring one of its class by more IoU than this is dropped. track: assign
-    stable target ids (`Tracker`); without it every target has id -1.
+    stable target ids (`Tracker`); without it every target has id -1. visibility: the per-target
+    VISIBLE / RELOCALIZING / LOST stage (`VisibilityConfig`; ``enabled=False`` skips it).
 
     How the models run (see `UltramotionIGTLib.core.acceleration`): precision: ``auto | fp32 | fp16 |
     bf16`` for the detector and SAM (auto: fp16 on CUDA, fp32 on CPU; a model whose reduced-precision
@@ -74,6 +83,7 @@ class PipelineConfig:
     sam_attention: str = "auto"
     compile: bool = False
     compile_mode: str = "default"
+    visibility: VisibilityConfig = field(default_factory=VisibilityConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.score_threshold) <= 1.0:
@@ -226,15 +236,61 @@ class StagedFrame:
         return self.image
 
 
-def compute_mask_weights(
-    mask_probs: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pixel target weights on the device.
+class MaskWeights(NamedTuple):
+    """What `compute_mask_weights` returns (device tensors unless said otherwise).
 
-    ``mask_probs`` KxHxW (0..1), ``scores`` K, ``valid`` K bool, all on one device.
-    Returns (weights KxHxW = prob x score, zero for invalid targets; centroids Kx2 as (x, y) pixels,
-    the weight-averaged pixel position; areas K = soft pixel count sum(prob)). A target with no
-    weight gets its centroid at NaN. No host sync.
+    ``weights`` KxHxW (probability x score, zero for invalid targets); ``centroids`` Kx2 (x, y) pixels;
+    ``areas`` K soft pixel counts; ``regions`` 3xKxhxw float32 0/1: the maps W_edge, W_in and W_out
+    (also as the properties ``w_edge``, ``w_in``, ``w_out``) on the analysis grid
+    (`UltramotionIGTLib.core.visibility.mask_region_maps`; zero for invalid targets); ``masks_grid``
+    Kxhxw bool the masks (probability > 0.5, valid targets) sampled on that grid (every ``stride``-th
+    pixel); ``stride`` (int)
+    frame pixels per grid pixel; ``grid_spacing`` (sx, sy) mm per grid pixel (floats).
+    """
+
+    weights: torch.Tensor
+    centroids: torch.Tensor
+    areas: torch.Tensor
+    regions: torch.Tensor
+    masks_grid: torch.Tensor
+    stride: int
+    grid_spacing: tuple[float, float]
+
+    @property
+    def w_edge(self) -> torch.Tensor:
+        """Kxhxw: the band around each mask's boundary."""
+        return self.regions[0]
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        """Kxhxw: the inside of each mask."""
+        return self.regions[1]
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        """Kxhxw: the ring outside each mask's band."""
+        return self.regions[2]
+
+
+def compute_mask_weights(
+    mask_probs: torch.Tensor,
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    spacing: tuple[float, float] | None = None,
+    edge_mm: float = 0.8,
+    ring_mm: float = 1.6,
+    stride: int = 1,
+) -> MaskWeights:
+    """Per-pixel target weights and the in-house spatial weight maps, on the device.
+
+    ``mask_probs`` KxHxW (0..1), ``scores`` K, ``valid`` K bool, all on one device. ``spacing`` (sx,
+    sy) mm per pixel (None: 1 mm, the convention when a recording has no calibrated spacing).
+    Returns a `MaskWeights`: weights KxHxW = prob x score (zero for invalid targets); centroids Kx2 as
+    (x, y) pixels, the weight-averaged pixel position (NaN for a target with no weight); areas K = soft
+    pixel count sum(prob); and per target the maps W_edge (band of half-width ``edge_mm`` around the
+    boundary), W_in (inside) and W_out (ring of width ``ring_mm`` beyond the band), made by max-pool
+    dilation and erosion of the mask (probability > 0.5) on a grid pooled by ``stride`` (1: the frame's
+    own pixels). Fixed shapes, no host sync.
     """
     k, h, w = mask_probs.shape
     gate = (scores * valid.to(scores.dtype)).to(mask_probs.dtype)
@@ -246,7 +302,13 @@ def compute_mask_weights(
     cy = (weights.sum(dim=2) * ys).sum(dim=1) / total
     centroids = torch.stack([cx, cy], dim=1)
     areas = mask_probs.sum(dim=(1, 2)) * valid.to(mask_probs.dtype)
-    return weights, centroids, areas
+    sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    grid_spacing = (sx * stride, sy * stride)
+    # masks are sampled (every stride-th pixel), not pooled: pooling K full-size maps would cost more
+    # than everything else on this grid, and a 0.5 threshold of the mean changes nothing that matters
+    masks = (mask_probs[:, ::stride, ::stride] > 0.5) & valid.to(torch.bool)[:, None, None]
+    regions = torch.stack(mask_region_maps(masks, grid_spacing, edge_mm, ring_mm)).to(torch.float32)
+    return MaskWeights(weights, centroids, areas, regions, masks, int(stride), grid_spacing)
 
 
 def select_prompts(
@@ -335,6 +397,10 @@ class Pipeline:
         #: the stream's intensity mapping (`core.intensity`): its window is fixed on the first frame
         #: (or stated from the data's metadata) and kept until `reset`
         self.intensity = IntensityMapper()
+        #: the visibility stage's per-track state (made on the first frame that needs it)
+        self.visibility: VisibilityMonitor | None = None
+        #: the last frame's `VisibilityResult` (device tensors; evidence per slot for offline tuning)
+        self.last_visibility: Any = None
         self._frame_counter = 0
         self._copy_stream: Any = None
         self._build_models(detector, segmenter)
@@ -560,12 +626,19 @@ class Pipeline:
         if self.tracker is not None:
             self.tracker.reset()
         self.intensity.reset(intensity_window)
+        if self.visibility is not None:
+            self.visibility.reset()
         self._frame_counter = 0
 
     # -- per frame ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def process_frame(
-        self, frame: Any, frame_index: int | None = None, timestamp: float | None = None
+        self,
+        frame: Any,
+        frame_index: int | None = None,
+        timestamp: float | None = None,
+        spacing: tuple[float, float] | None = None,
+        pose: Any | None = None,
     ) -> ResultPacket:
         """One frame -> `ResultPacket` of device tensors (see `ResultPacket` for shapes).
 
@@ -574,21 +647,29 @@ class Pipeline:
         stream's window, `Pipeline.intensity`), or a `StagedFrame` from `submit` (its copy already
         under way). ``frame_index``: its number in the stream (default: one more than the last).
         ``timestamp``: its acquisition time in seconds (carried through to the result). The first
-        frame runs `warmup` first when the config needs one (reduced precision, compile). Raises
-        `UnsupportedImageTypeError` naming the shape or type for a frame that is not an image (the
-        frame is not counted), `NonFiniteFrameError` (a subclass) for a frame without a finite pixel:
-        report and skip it.
+        frame runs `warmup` first when the config needs one (reduced precision, compile).
+        ``spacing``: (sx, sy) mm per pixel (columns, rows); None: 1 mm, the convention for images
+        without a calibrated spacing (the visibility widths are in mm).
+        ``pose``: the frame's 4x4 image-to-reference transform in mm (a host array, e.g. PLUS
+        ``ImageToReference``); the visibility scores then compensate the probe's motion. None: image
+        space only.
+        Raises `UnsupportedImageTypeError` naming the shape or type for a frame that is not an image
+        (the frame is not counted), `NonFiniteFrameError` (a subclass) for a frame without a finite
+        pixel: report and skip it; ValueError for a pose that is not a finite 4x4 matrix or a spacing
+        that is not two positive numbers.
         """
         if not self._warm:
             self.warmup(frame)
         if frame_index is None:
             frame_index = self._frame_counter
+        spacing = _as_spacing(spacing)
+        pose = as_pose(pose) if pose is not None else None
         if not self.config.compile:
-            return self._run(frame, frame_index, timestamp)
+            return self._run(frame, frame_index, timestamp, spacing, pose)
         if self.device.type == "cuda" and self.config.compile_mode in ("reduce-overhead", "max-autotune"):
             torch.compiler.cudagraph_mark_step_begin()  # a new frame: the graphs' last outputs are consumed
         before = acceleration.CompileCounter.count()
-        packet = self._run(frame, frame_index, timestamp)
+        packet = self._run(frame, frame_index, timestamp, spacing, pose)
         compiled = acceleration.CompileCounter.count() - before
         if compiled:
             self.recompiles += compiled
@@ -602,7 +683,15 @@ class Pipeline:
             )
         return packet
 
-    def _run(self, frame: Any, frame_index: int, timestamp: float | None) -> ResultPacket:
+    def _run(
+        self,
+        frame: Any,
+        frame_index: int,
+        timestamp: float | None,
+        spacing: tuple[float, float] = (1.0, 1.0),
+        pose: Any | None = None,
+    ) -> ResultPacket:
+        vis_config = self.config.visibility
         timer = StageTimer(self.device)
         with timer.stage("prepare"):
             if isinstance(frame, StagedFrame):
@@ -611,16 +700,23 @@ class Pipeline:
                 image = prepare_inference_inputs(frame, self.device, self.intensity)
         self._frame_counter = frame_index + 1  # a frame that is not an image is not counted
         h, w = int(image.shape[0]), int(image.shape[1])
+        stride = analysis_stride((h, w), vis_config.analysis_size)
         with timer.stage("detector"):
             detections = self._detect(image)
         boxes, scores, labels, valid, masks, probs = self._select_and_segment(image, detections, timer)
         with timer.stage("weights"):
-            centroids, areas = self._mask_weights(probs, scores, valid)
+            weights = self._mask_weights(probs, scores, valid, spacing, stride)
         with timer.stage("track"):
             if self.tracker is not None:
                 track_ids = self.tracker.update(boxes, scores, labels, valid)
             else:
                 track_ids = torch.full_like(labels, -1)
+        states = visibility = tracks = None
+        if vis_config.enabled:
+            with timer.stage("visibility"):
+                states, visibility, tracks = self._visibility(
+                    image, probs, weights, boxes, scores, valid, spacing, pose, stride
+                )
         return ResultPacket(
             frame_index=frame_index,
             image_size=(h, w),
@@ -629,14 +725,17 @@ class Pipeline:
             labels=labels,
             valid=valid,
             masks=masks,
-            centroids=centroids,
-            areas=areas,
+            centroids=weights.centroids,
+            areas=weights.areas,
             track_ids=track_ids,
             class_names=self.class_names,
             timestamp=timestamp,
             timer=timer,
             path=self.path,
             intensity=self.intensity.describe(),
+            states=states,
+            visibility=visibility,
+            tracks=tracks,
         )
 
     def _detect(self, image: torch.Tensor) -> Any:
@@ -666,10 +765,62 @@ class Pipeline:
         return boxes, scores, labels, valid, sam.masks, sam.mask_probs
 
     def _mask_weights(
-        self, probs: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, centroids, areas = compute_mask_weights(probs, scores, valid)
-        return centroids, areas
+        self,
+        probs: torch.Tensor,
+        scores: torch.Tensor,
+        valid: torch.Tensor,
+        spacing: tuple[float, float],
+        stride: int,
+    ) -> MaskWeights:
+        cfg = self.config.visibility
+        return compute_mask_weights(probs, scores, valid, spacing, cfg.edge_mm, cfg.ring_mm, stride)
+
+    def _visibility(
+        self,
+        image: torch.Tensor,
+        probs: Any,
+        weights: MaskWeights,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        valid: torch.Tensor,
+        spacing: tuple[float, float],
+        pose: Any,
+        stride: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The visibility stage: (states K, scores Kx9, tracks Mx3 = id, label, state or None)."""
+        tracker = self.tracker
+        slots = int(tracker.max_tracks) if tracker is not None else 0
+        if self.visibility is None or self.visibility.max_tracks != slots:
+            self.visibility = VisibilityMonitor(slots, self.device, self.config.visibility)
+        self.visibility.config = self.config.visibility
+        if not isinstance(weights, MaskWeights):  # a subclass computed its weights elsewhere (legacy)
+            weights = compute_mask_weights(
+                torch.as_tensor(probs, device=self.device),
+                scores,
+                valid,
+                spacing,
+                self.config.visibility.edge_mm,
+                self.config.visibility.ring_mm,
+                stride,
+            )
+        result = self.visibility.update(
+            image,
+            weights.masks_grid,
+            weights.regions,
+            weights.stride,
+            boxes,
+            scores,
+            valid,
+            det_slot=tracker.det_slot if tracker is not None else None,
+            born=tracker.born if tracker is not None else None,
+            spacing=spacing,
+            pose=pose,
+        )
+        tracks = None
+        if tracker is not None:
+            tracks = torch.stack((tracker.ids, tracker.labels, result.slot_states), dim=1)
+        self.last_visibility = result
+        return result.states, result.scores, tracks
 
     def run(
         self,
@@ -679,6 +830,8 @@ class Pipeline:
         audit: Any | None = None,
         sink: KpiSink | None = None,
         on_skip: Callable[[int, float | None, Any, Exception], None] | None = None,
+        spacing: tuple[float, float] | None = None,
+        poses: Iterable[Any] | None = None,
     ) -> Iterator[tuple[Any, HostResult, FrameRecord]]:
         """The per-frame loop over a recording; yields (frame, `HostResult`, `FrameRecord`) per frame.
 
@@ -692,9 +845,11 @@ class Pipeline:
         ``on_skip``: called, in frame order, with (frame index, timestamp, frame, error) for a frame
         without a finite pixel (`NonFiniteFrameError`), which then yields nothing; without it the error
         is raised. Any other error of a frame is raised at that frame's turn, after every earlier
-        frame's result was yielded.
+        frame's result was yielded. ``spacing`` (mm per pixel) and ``poses`` (one 4x4 image-to-reference
+        transform or None per frame) go to `process_frame` for the visibility stage.
         """
         stamps = iter(timestamps) if timestamps is not None else None
+        pose_of = iter(poses) if poses is not None else None
         source = enumerate(frames)
 
         def stage(item: tuple[int, Any] | None) -> tuple | None:
@@ -702,14 +857,15 @@ class Pipeline:
                 return None
             index, frame = item
             timestamp = _seconds_or_none(next(stamps, None)) if stamps is not None else None
+            pose = next(pose_of, None) if pose_of is not None else None
             try:
-                return index, frame, timestamp, self.submit(frame), None
+                return index, frame, timestamp, pose, self.submit(frame), None
             except Exception as exc:  # raised at the frame's turn, not before earlier results
-                return index, frame, timestamp, None, exc
+                return index, frame, timestamp, pose, None, exc
 
         pending = stage(next(source, None))
         while pending is not None:
-            index, frame, timestamp, staged, error = pending
+            index, frame, timestamp, pose, staged, error = pending
             upcoming = next(source, None)
             if error is not None:
                 if on_skip is None or not isinstance(error, NonFiniteFrameError):
@@ -721,7 +877,7 @@ class Pipeline:
                 self.warmup(staged)  # precision check, compilation: before the timing and the audit
             t0 = time.perf_counter()
             with audit.frame(index) if audit is not None else nullcontext():
-                packet = self.process_frame(staged, index, timestamp)
+                packet = self.process_frame(staged, index, timestamp, spacing=spacing, pose=pose)
                 pending = stage(upcoming)  # the next frame's copy overlaps this frame's compute
                 result = packet.to_host()
             wall_ms = (time.perf_counter() - t0) * 1000.0
@@ -745,3 +901,13 @@ class Pipeline:
             "sam_attention": getattr(self.segmenter, "attention", None),
             "compile": dict(self.compile_stats),
         }
+
+
+def _as_spacing(spacing: Any) -> tuple[float, float]:
+    """(sx, sy) mm per pixel as floats; None -> (1.0, 1.0). ValueError unless two positive numbers."""
+    if spacing is None:
+        return (1.0, 1.0)
+    values = tuple(float(v) for v in np.asarray(spacing, dtype=np.float64).reshape(-1)[:2])
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be two positive numbers (mm per pixel), got {spacing!r}")
+    return values

@@ -47,6 +47,10 @@ class Tracker:
     ``labels`` M int64, ``alive`` M bool (slot holds a tentative or confirmed track), ``hits`` /
     ``misses`` M int64 (consecutive matched / missed frames), ``ids`` M int64 (-1 while tentative
     or empty), ``next_id`` 0-d int64.
+
+    After each `update`: ``det_slot`` K int64 (the slot each detection was matched to or born in, M
+    when none) and ``born`` M bool (slots that opened a new track this frame), for per-track state
+    kept elsewhere (`UltramotionIGTLib.core.visibility.VisibilityMonitor`).
     """
 
     def __init__(
@@ -74,7 +78,7 @@ class Tracker:
         self.cuda_graph = (cuda_graph is None or bool(cuda_graph)) and self.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_inputs: tuple[torch.Tensor, ...] = ()
-        self._graph_out: torch.Tensor | None = None
+        self._graph_out: tuple[torch.Tensor, ...] = ()
         self.reset()
 
     _STATE = ("boxes", "labels", "alive", "hits", "misses", "ids", "next_id")
@@ -84,6 +88,8 @@ class Tracker:
 
     def reset(self) -> None:
         """Forget every track; ids restart at 0 (in place: a captured CUDA graph stays valid)."""
+        self.det_slot = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.born = torch.zeros(self.max_tracks, dtype=torch.bool, device=self.device)
         if self._graph is not None:
             fresh = self._fresh_state()
             for name, tensor in self._state().items():
@@ -136,15 +142,17 @@ class Tracker:
         """
         if not self.cuda_graph or boxes.shape[0] == 0:
             # once a graph is captured, its state buffers must be updated in place, never rebound
-            return self._advance(
+            ids, self.det_slot, self.born = self._advance(
                 boxes, scores, labels, valid, into=self._state() if self._graph is not None else None
             )
+            return ids
         if self._graph is None or self._graph_inputs[0].shape[0] != boxes.shape[0]:
             self._capture(boxes.shape[0])
         for static, given in zip(self._graph_inputs, (boxes, scores, labels, valid), strict=True):
             static.copy_(given)
         self._graph.replay()
-        return self._graph_out.clone()
+        ids, self.det_slot, self.born = (t.clone() for t in self._graph_out)
+        return ids
 
     def _capture(self, k: int) -> None:
         """Record `_advance` for K = k detections as a CUDA graph (state updated in place)."""
@@ -177,8 +185,9 @@ class Tracker:
         labels: torch.Tensor,
         valid: torch.Tensor,
         into: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The update itself. ``into``: state buffers to write back in place (graph mode)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The update itself: (ids K, det_slot K, born M). ``into``: state buffers to write back in
+        place (graph mode)."""
         M, K, dev = self.max_tracks, boxes.shape[0], self.device
         valid = valid.to(torch.bool)
         labels = labels.to(torch.int64)
@@ -250,4 +259,4 @@ class Tracker:
             for name, buffer in into.items():
                 buffer.copy_(getattr(self, name))
                 setattr(self, name, buffer)
-        return out
+        return out, det_slot, born

@@ -78,6 +78,8 @@ class SessionController:
         self.session: Session | None = None
         self.output_node: Any = None
         self._pipeline_key: tuple[str, ...] | None = None
+        #: (sx, sy) mm per pixel of the session's input (the visibility stage's widths are in mm)
+        self._spacing: tuple[float, float] | None = None
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -117,12 +119,16 @@ class SessionController:
         return self.pipeline
 
     @staticmethod
-    def _frame_processor(pipeline: Pipeline) -> Any:
+    def _frame_processor(pipeline: Pipeline, spacing: tuple[float, float] | None = None) -> Any:
         """The sessions' ``process_frame``: one frame through ``pipeline`` and its one host copy (bound
-        to this pipeline object: a live session's worker never sees a later replacement)."""
+        to this pipeline object: a live session's worker never sees a later replacement), with the
+        input's pixel spacing (mm, for the visibility stage's widths)."""
 
         def process_frame(frame: Any, frame_index: int, timestamp: float | None) -> Any:
-            return pipeline.process_frame(frame, frame_index=frame_index, timestamp=timestamp).to_host()
+            packet = pipeline.process_frame(
+                frame, frame_index=frame_index, timestamp=timestamp, spacing=spacing
+            )
+            return packet.to_host()
 
         return process_frame
 
@@ -168,6 +174,8 @@ class SessionController:
                     "a recording (e.g. a PLUS .igs.mha) as a sequence, or choose live mode."
                 )
         pipeline = self.load_pipeline(models, config)
+        spacing = mrml.geometry_from_volume(input_node).spacing
+        self._spacing = (float(spacing[0]), float(spacing[1]))
         if output_node is None:
             output_node = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{input_node.GetName()} segmentation"
@@ -178,7 +186,7 @@ class SessionController:
             session: Session = ReplaySession(
                 browser,
                 output_node,
-                self._frame_processor(pipeline),
+                self._frame_processor(pipeline, self._spacing),
                 kpi_sink=self.kpi_sink,
                 status_callback=status_callback,
             )
@@ -191,7 +199,7 @@ class SessionController:
             session = LiveSession(
                 input_node,
                 output_node,
-                self._frame_processor(pipeline),
+                self._frame_processor(pipeline, self._spacing),
                 drop_policy=drop_policy,
                 every_nth=every_nth if drop_policy == "every_nth" else 1,
                 status_callback=status_callback,

@@ -4,7 +4,8 @@ The text lives here, in Qt-free library code, so that it is tested. The module o
 strings and colours into widgets:
 
 - `format_kpi_panel` -> the multi-line KPI panel (device, FPS, latency p50/p95 per stage, dropped
-  frames, host syncs per frame, GPU memory, age of the mask on screen and the frame it came from);
+  frames, host syncs per frame, GPU memory, age of the mask on screen and the frame it came from,
+  tracked targets per visibility state);
 - `status_light` -> the status light (GPU-resident / CPU / legacy path, plus idle and error):
   an enum, a colour and a tooltip;
 - `format_corner_annotation` -> one short line for the slice view's corner annotation.
@@ -27,6 +28,9 @@ from UltramotionIGTLib.core.kpi import KpiAggregator, ordered_stages
 #: Shown where a value was not measured (yet). ASCII so it renders in every font.
 MISSING = "n/a"
 
+#: The visibility states in panel order (the keys of `FrameRecord.visibility`).
+VISIBILITY_STATES: tuple[str, ...] = ("visible", "relocalizing", "lost")
+
 #: Short stage labels for the one-line corner annotation and narrow panels.
 STAGE_LABELS: dict[str, str] = {
     "prepare": "prep",
@@ -36,6 +40,7 @@ STAGE_LABELS: dict[str, str] = {
     "sam_encoder": "enc",
     "sam_decoder": "dec",
     "weights": "wts",
+    "visibility": "vis",
     "to_host": "d2h",
     "mrml": "mrml",
     "end_to_end": "e2e",
@@ -51,6 +56,8 @@ class KpiSnapshot:
     ``end_to_end_ms`` has the same form for the whole frame, measured from the frame's acquisition
     time where the sender provides one, else from its arrival (``latency_reference`` says which).
     ``path`` is ``"gpu_resident"`` or ``"legacy"`` (as in the pipeline's KPI records).
+    ``visibility``: confirmed tracks per visibility state of the last frame (``{"visible": n,
+    "relocalizing": n, "lost": n}``), None when not measured.
     """
 
     device: str | None = None
@@ -73,6 +80,7 @@ class KpiSnapshot:
     mask_age_ms: float | None = None
     latest_frame_index: int | None = None
     targets: int | None = None
+    visibility: dict[str, int] | None = None
     status_message: str = ""
 
     @classmethod
@@ -328,6 +336,8 @@ def format_kpi_panel(snapshot: KpiSnapshot) -> str:
     ]
     if snapshot.targets is not None:
         rows.append(("Targets", str(int(snapshot.targets))))
+    if snapshot.visibility is not None:
+        rows.append(("Visibility", format_visibility(snapshot.visibility)))
     if snapshot.error:
         rows.append(("Error", snapshot.error))
     elif snapshot.status_message:
@@ -340,6 +350,11 @@ def format_kpi_panel(snapshot: KpiSnapshot) -> str:
         else:
             lines.append(f"{key + ':':<{width + 1}} {value}")
     return "\n".join(lines)
+
+
+def format_visibility(counts: Mapping[str, Any]) -> str:
+    """Tracked targets per visibility state: ``2 visible, 1 relocalizing, 0 lost``."""
+    return ", ".join(f"{int(counts.get(name, 0) or 0)} {name}" for name in VISIBILITY_STATES)
 
 
 def format_corner_annotation(snapshot: KpiSnapshot) -> str:
@@ -403,6 +418,7 @@ def build_snapshot(
         mask_age_ms=kpi.age_ms(),
         latest_frame_index=(int(frames_received) - 1 if frames_received else (last.frame if last else None)),
         targets=last.targets if last else None,
+        visibility=last.visibility if last else None,
         status_message=status_message,
     )
 

@@ -45,6 +45,13 @@ BINARY_LABELMAP = "Binary labelmap"
 #: the same node can tell its predecessors' stale segments from segments a user made.
 SEGMENT_TAG = "UltramotionIGT.target"
 
+#: Tag holding a segment's visibility state (``VISIBLE``, ``RELOCALIZING`` or ``LOST``), set by
+#: `SegmentationWriter` each frame the state changes: it travels with the segment into saved scenes and
+#: recorded sequences.
+VISIBILITY_TAG = "UltramotionIGT.visibility"
+#: 2-D fill opacity of a RELOCALIZING segment (its outline stays opaque): drawn dimmed.
+RELOCALIZING_FILL_OPACITY = 0.3
+
 #: Node attributes that may carry the acquisition time of a frame received over OpenIGTLink, in the
 #: order they are tried. SlicerOpenIGTLink (vtkMRMLIGTLConnectorNode) copies every header-v2 metadata
 #: entry ``K`` of an incoming message onto the node as the attribute ``"OpenIGTLink." + K``; it does
@@ -442,6 +449,10 @@ class SegmentationWriter:
     frame. Segments are tagged `SEGMENT_TAG`; with ``remove_stale`` (default) tagged segments left
     by an earlier writer (a previous run) are removed at construction. Segments without the tag (a
     user's own) are left alone, unless a target's id collides with one (it is then taken over).
+
+    Visibility: each segment's state is in its `VISIBILITY_TAG` tag; where the node has a display
+    node, LOST segments are hidden and RELOCALIZING ones drawn dimmed (2-D fill opacity
+    `RELOCALIZING_FILL_OPACITY`, outline kept). Display properties change only when a state does.
     """
 
     def __init__(
@@ -454,6 +465,7 @@ class SegmentationWriter:
         self.segmentation_node = segmentation_node
         self._images: dict[str, tuple[Any, np.ndarray]] = {}
         self._pool: list[tuple[Any, np.ndarray]] = []
+        self._states: dict[str, str] = {}
         self.geometry: FrameGeometry | None = None
         if remove_stale:
             segmentation = segmentation_node.GetSegmentation()
@@ -541,10 +553,12 @@ class SegmentationWriter:
             )
         segments = result.segments()
         names = [name for name, _, _ in segments]
+        states = result.segment_states()  # an untracked segment merges targets: their best state
         segmentation = self.segmentation_node.GetSegmentation()
         keep = set(names)
         for segment_id in [s for s in self._images if s not in keep]:
             self._pool.append(self._images.pop(segment_id))
+            self._states.pop(segment_id, None)
             if segmentation.GetSegment(segment_id) is not None:
                 segmentation.RemoveSegment(segment_id)
         for segment_id, color, mask in segments:
@@ -562,12 +576,26 @@ class SegmentationWriter:
             elif segment.GetRepresentation(BINARY_LABELMAP) is not image:
                 # created elsewhere, or the segment editor swapped in a shared labelmap: take it back
                 self._attach(segment_id, image)
+            if segment is None or self._states.get(segment_id) != states[segment_id]:
+                self._show_state(segment_id, states[segment_id])
             image.Modified()
         return names
+
+    def _show_state(self, segment_id: str, state: str) -> None:
+        """Tag the segment with its visibility state; hide it (LOST) or dim it (RELOCALIZING)."""
+        self._states[segment_id] = state
+        self.segmentation_node.GetSegmentation().GetSegment(segment_id).SetTag(VISIBILITY_TAG, state)
+        display = self.segmentation_node.GetDisplayNode()
+        if display is not None:
+            display.SetSegmentVisibility(segment_id, state != "LOST")
+            display.SetSegmentOpacity2DFill(
+                segment_id, RELOCALIZING_FILL_OPACITY if state == "RELOCALIZING" else 1.0
+            )
 
     def clear(self) -> None:
         """Remove the segments this writer maintains."""
         segmentation = self.segmentation_node.GetSegmentation()
+        self._states.clear()
         for segment_id in list(self._images):
             self._pool.append(self._images.pop(segment_id))
             if segmentation.GetSegment(segment_id) is not None:
@@ -577,9 +605,9 @@ class SegmentationWriter:
 class TargetPointsWriter:
     """Target points (weighted centroids) of a `HostResult` into a markups fiducial node, in place.
 
-    One control point per target with a finite centroid, labelled with the segment name, at the RAS
-    position of pixel (x, y) = ``result.centroids[m]`` under ``geometry``. Existing control points
-    are moved and relabelled; extra ones removed.
+    One control point per shown target (not LOST) with a finite centroid, labelled with the segment
+    name, at the RAS position of pixel (x, y) = ``result.centroids[m]`` under ``geometry``. Existing
+    control points are moved and relabelled; extra ones removed.
     """
 
     def __init__(self, markups_node: Any, geometry: FrameGeometry) -> None:
@@ -590,7 +618,7 @@ class TargetPointsWriter:
         """Returns the number of points written."""
         centroids = np.asarray(result.centroids, dtype=np.float64).reshape(-1, 2)
         names = result.segment_names()
-        finite = np.isfinite(centroids).all(axis=1)
+        finite = np.isfinite(centroids).all(axis=1) & result.shown
         ras = self.geometry.pixel_to_ras(centroids[finite]) if finite.any() else np.zeros((0, 3))
         labels = [name for name, ok in zip(names, finite, strict=True) if ok]
         node = self.markups_node

@@ -65,6 +65,11 @@ COMMANDS: tuple[Command, ...] = (
         "evaluate", "held-out phantom metrics: AP50, SAM Dice, end-to-end Dice", f"{_LIB}.tools.evaluate"
     ),
     Command(
+        "evaluate-visibility",
+        "visibility states vs the phantom's ground truth on sequences with events",
+        f"{_LIB}.tools.visibility_eval",
+    ),
+    Command(
         "train",
         "train the small demo models on the synthetic phantom",
         children=(

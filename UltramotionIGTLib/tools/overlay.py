@@ -1,4 +1,9 @@
-"""Overlays: frames with boxes, masks and target names drawn, as PNG grids and animated GIFs."""
+"""Overlays: frames with boxes, masks and target names drawn, as PNG grids and animated GIFs.
+
+Visibility states: a VISIBLE target is drawn filled with a solid box; a RELOCALIZING one dimmed (a
+faint fill, its outline and a thin box, ``?`` after its name); a LOST one only marked (a thin grey box
+and ``LOST``), its mask not drawn.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,52 @@ from PIL import Image, ImageDraw
 
 from UltramotionIGTLib.core.packet import HostResult
 
+#: Fill opacity of a RELOCALIZING target relative to a VISIBLE one.
+DIM = 0.3
+LOST_COLOR = (150, 150, 150)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (the mask's inner boundary)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
 
 def draw_overlay(frame: np.ndarray, result: HostResult, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 HxWx3 image: ``frame`` (HxW uint8) with masks blended and boxes and names drawn."""
+    """RGB uint8 HxWx3 image: ``frame`` (HxW uint8) with masks blended and boxes and names drawn,
+    each target as its visibility state says (see the module docstring)."""
     rgb = np.repeat(np.asarray(frame, dtype=np.uint8)[..., None], 3, axis=2).astype(np.float32)
     colors = [np.array(c, np.float32) * 255.0 for c in result.segment_colors()]
+    states = result.state_names()
     for i in np.argsort(result.scores, kind="stable"):
+        if states[i] == "LOST":
+            continue
         m = result.masks[i]
-        rgb[m] = (1.0 - alpha) * rgb[m] + alpha * colors[i]
+        a = alpha if states[i] == "VISIBLE" else alpha * DIM
+        rgb[m] = (1.0 - a) * rgb[m] + a * colors[i]
+        if states[i] != "VISIBLE":
+            edge = _outline(m)
+            rgb[edge] = colors[i]
     image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for i, name in enumerate(result.segment_names()):
         color = tuple(int(v) for v in colors[i])
         x1, y1, x2, y2 = (float(v) for v in result.boxes[i])
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
-        draw.text((x1 + 2, max(0.0, y1 - 11)), f"{name} {result.scores[i]:.2f}", fill=color)
+        label = f"{name} {result.scores[i]:.2f}"
+        if states[i] == "VISIBLE":
+            draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
+        elif states[i] == "LOST":
+            color = LOST_COLOR
+            draw.rectangle([x1, y1, x2, y2], outline=color, width=1)
+            label = f"{name} LOST"
+        else:
+            draw.rectangle([x1, y1, x2, y2], outline=color, width=1)
+            label += " ?"
+        draw.text((x1 + 2, max(0.0, y1 - 11)), label, fill=color)
     return np.asarray(image)
 
 

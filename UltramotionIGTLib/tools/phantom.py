@@ -22,6 +22,12 @@ Ground truth per frame (`PhantomFrame`): masks are exactly the rendered shapes (
 ellipse; needle = the rotated rectangle of the visible shaft), boxes are the tight pixel-edge boxes
 of those masks, labels index `UltramotionIGTLib.CLASS_NAMES`, target ids are stable per object.
 
+Opt-in events (`PhantomEvents`, off by default: without them every frame is exactly what it was) put
+the situations that make a target (in)visible into a sequence -- a vessel fading into an acoustic
+shadow, the probe lifting off (echoes gone, a burst of noise), fast probe motion (blur), a sideways
+sweep that takes targets out of the field of view and back -- and the ground truth says, per target
+and frame, whether it is reliably visible (`PhantomFrame.visible`).
+
 `PhantomStream.frame(i)` is a pure function of (config, seed, i): random access gives exactly what
 iteration gives. Everything runs on the host in numpy (float32); a 256x256 frame takes a few
 milliseconds on one core.
@@ -41,12 +47,14 @@ from UltramotionIGTLib import CLASS_NAMES
 from UltramotionIGTLib.errors import UltramotionError
 
 __all__ = [
+    "EVENT_KINDS",
     "NEEDLE_ID_OFFSET",
     "NEEDLE_LABEL",
     "VESSEL_LABEL",
     "PhantomConfig",
     "PhantomConfigError",
     "PhantomDataset",
+    "PhantomEvents",
     "PhantomFrame",
     "PhantomStream",
     "frames_to_arrays",
@@ -212,6 +220,119 @@ class PhantomConfig:
         return cls(**kwargs)
 
 
+#: The situations `PhantomEvents` can put into a sequence.
+EVENT_KINDS: tuple[str, ...] = ("shadow", "contact", "blur", "sweep")
+
+
+@dataclass
+class PhantomEvents:
+    """Opt-in situations that change what is visible, with ground truth. Times in s, lengths in mm.
+
+    ``kinds``: which events happen (any of `EVENT_KINDS`); empty: none, and the phantom is exactly the
+    one without events. Events follow one another, never overlapping: the first starts within
+    ``start_s``, each is followed by a quiet ``gap_s``; the kinds come in a random order per round,
+    each once per round. Ranges ``(lo, hi)`` are drawn per event.
+
+    * ``shadow``: an attenuating structure above one vessel (its shadow spans the vessel's width plus
+      ``shadow_margin_mm``); the extra attenuation ramps up to ``shadow_db`` in ``shadow_ramp_s``,
+      holds ``shadow_s``, ramps down -- the vessel fades out and back in.
+    * ``contact``: the probe loses contact for ``contact_s``: echoes drop by ``contact_loss_db`` and the
+      electronic noise rises ``contact_noise_gain`` times (a burst of noise), abruptly.
+    * ``blur``: fast probe motion for ``blur_s``: the scene moves sideways back and forth
+      (``blur_amplitude_mm``) at ``blur_speed_mm_s``; echoes are smeared over the distance the probe
+      travels in ``exposure_s`` (the time to acquire one frame's scan lines: 256 lines of a 5 cm deep
+      image take about 17 ms).
+    * ``sweep``: the probe slides ``sweep_mm`` sideways at ``sweep_speed_mm_s``, stays ``sweep_hold_s``,
+      slides back: targets near the side leave the field of view and come back.
+
+    Ground truth (`PhantomFrame.visible`): a target is visible unless less than ``visible_fraction`` of
+    a vessel's lumen is inside the image, the shadow over it averages ``shadow_visible_db`` or more,
+    the contact loss is ``contact_visible_db`` or more, or the motion blur is ``blur_visible_mm`` or
+    longer. Probe motion is smeared into every frame once events are on (the usual slow sweep and the
+    ``sweep`` event blur by well under ``blur_visible_mm``).
+    """
+
+    kinds: tuple[str, ...] = ()
+    start_s: tuple[float, float] = (0.5, 1.0)
+    gap_s: tuple[float, float] = (1.0, 1.5)
+    shadow_s: tuple[float, float] = (0.6, 1.0)
+    shadow_ramp_s: float = 0.3
+    shadow_db: tuple[float, float] = (35.0, 45.0)
+    shadow_margin_mm: float = 4.0
+    contact_s: tuple[float, float] = (0.5, 1.0)
+    contact_loss_db: float = 40.0
+    contact_noise_gain: float = 15.0
+    blur_s: tuple[float, float] = (0.5, 0.8)
+    blur_speed_mm_s: tuple[float, float] = (50.0, 80.0)
+    blur_amplitude_mm: float = 1.5
+    exposure_s: float = 0.02
+    sweep_mm: tuple[float, float] = (8.0, 12.0)
+    sweep_speed_mm_s: float = 10.0
+    sweep_hold_s: tuple[float, float] = (0.5, 1.0)
+    visible_fraction: float = 0.5
+    shadow_visible_db: float = 12.0
+    contact_visible_db: float = 12.0
+    blur_visible_mm: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        self.validate()
+
+    @classmethod
+    def all(cls, **overrides: Any) -> PhantomEvents:
+        """Every kind of event (`EVENT_KINDS`), other fields at their defaults unless given."""
+        return cls(kinds=EVENT_KINDS, **overrides)
+
+    def validate(self) -> None:
+        """Raise `PhantomConfigError` naming the first field that is out of range."""
+
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise PhantomConfigError(f"PhantomEvents.{name} = {getattr(self, name)!r} is invalid: {what}")
+
+        unknown = [k for k in self.kinds if k not in EVENT_KINDS]
+        need(not unknown, "kinds", f"use any of {', '.join(EVENT_KINDS)}")
+        for name in (
+            "start_s",
+            "gap_s",
+            "shadow_s",
+            "shadow_db",
+            "contact_s",
+            "blur_s",
+            "blur_speed_mm_s",
+            "sweep_mm",
+            "sweep_hold_s",
+        ):
+            value = getattr(self, name)
+            need(
+                isinstance(value, Sequence) and len(value) == 2 and 0 <= value[0] <= value[1],
+                name,
+                "give a (low, high) pair with 0 <= low <= high",
+            )
+        need(self.gap_s[0] > 0, "gap_s", "events need a quiet gap > 0 s between them")
+        for name in ("shadow_s", "contact_s", "blur_s", "blur_speed_mm_s", "sweep_mm"):
+            need(getattr(self, name)[0] > 0, name, "must be > 0")
+        for name in ("shadow_ramp_s", "blur_amplitude_mm", "sweep_speed_mm_s", "contact_noise_gain"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.exposure_s > 0, "exposure_s", "must be > 0 s")
+        need(0.0 < self.visible_fraction <= 1.0, "visible_fraction", "use (0, 1]")
+        for name in ("shadow_margin_mm", "contact_loss_db", "shadow_visible_db", "contact_visible_db"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.blur_visible_mm > 0, "blur_visible_mm", "must be > 0 mm")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kinds)
+
+
+@dataclass
+class _Event:
+    kind: str
+    t0: float  # s: starts
+    t1: float  # s: over
+    params: dict[str, float]
+
+
 @dataclass
 class PhantomFrame:
     """One rendered frame with its ground truth (host numpy arrays).
@@ -227,7 +348,11 @@ class PhantomFrame:
       insertion episode e is ``NEEDLE_ID_OFFSET + e``).
     - ``index``: frame index in the stream; ``timestamp``: seconds (``index / frame_rate_hz``).
     - ``info``: extra state for tests and debugging (probe offset, needle insertion depth, vessel
-      radii); not needed for training.
+      radii, ``image_to_world``: the 4x4 transform from image mm (x = column x spacing, y = row x
+      spacing) to the phantom's world mm, i.e. the probe pose; ``events``: the events in progress);
+      not needed for training.
+    - ``visible``: M bool, ground truth "reliably visible" per target (all True without
+      `PhantomEvents`); with events, targets hidden by one stay in the arrays with False.
     """
 
     image: np.ndarray
@@ -238,6 +363,11 @@ class PhantomFrame:
     index: int
     timestamp: float
     info: dict[str, Any] = field(default_factory=dict)
+    visible: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.visible is None:
+            self.visible = np.ones(len(self.target_ids), dtype=bool)
 
     def labelmap(self) -> np.ndarray:
         """HxW uint8 class map: 0 = background, ``1 + label`` inside each mask (later masks win,
@@ -355,9 +485,22 @@ class PhantomStream:
     ``n_frames`` (iteration stops there) but `frame` accepts any non-negative index.
     """
 
-    def __init__(self, config: PhantomConfig | None = None, seed: int = 0, n_frames: int = 200) -> None:
+    def __init__(
+        self,
+        config: PhantomConfig | None = None,
+        seed: int = 0,
+        n_frames: int = 200,
+        events: PhantomEvents | None = None,
+    ) -> None:
         self.config = config if config is not None else PhantomConfig()
         self.config.validate()
+        #: opt-in events (None or no kinds: the phantom is exactly the one without them)
+        self.events = events if events is not None and events.enabled else None
+        if self.events is not None:
+            self.events.validate()
+        self._event_list: list[_Event] = []
+        self._event_rng = np.random.default_rng([int(seed) if int(seed) >= 0 else 0, 0xE7E27])
+        self._event_round: list[str] = []
         if n_frames < 0:
             raise PhantomConfigError(f"n_frames = {n_frames} is invalid: must be >= 0")
         if int(seed) < 0:
@@ -380,6 +523,13 @@ class PhantomStream:
         # World maps cover every offset the probe can reach, plus one pixel for interpolation.
         self._margin_x = int(math.ceil(self._amp_x)) + 2
         self._margin_y = int(math.ceil(self._amp_y)) + 2
+        if self.events is not None:  # room for the events' extra probe travel
+            ev = self.events
+            extra_mm = max(
+                ev.sweep_mm[1] if "sweep" in ev.kinds else 0.0,
+                ev.blur_amplitude_mm if "blur" in ev.kinds else 0.0,
+            )
+            self._margin_x += int(math.ceil(extra_mm * px))
         hw, ww = h + 2 * self._margin_y + 1, w + 2 * self._margin_x + 1
 
         self._echo_world = self._build_tissue(rng, (hw, ww)).astype(np.float32)
@@ -637,7 +787,96 @@ class PhantomStream:
         """Scene offset (x, y) in pixels at time t: image pixel (r, c) shows world (r + y, c + x)."""
         ox = self._amp_x * math.sin(self._omega_x * t + self._phase_x)
         oy = self._amp_y * math.sin(self._omega_y * t + self._phase_y)
+        if self.events is not None:
+            ox += self._event_offset(t)
         return ox, oy
+
+    def image_to_world(self, t: float) -> np.ndarray:
+        """4x4 float64 transform from image mm (x = column x spacing, y = row x spacing) to world mm at
+        time t: the probe pose (a translation: the phantom's probe slides without rotating)."""
+        ox, oy = self.probe_offset(t)
+        matrix = np.eye(4)
+        matrix[0, 3], matrix[1, 3] = ox * self.config.spacing_mm, oy * self.config.spacing_mm
+        return matrix
+
+    # ------------------------------------------------------------------ events
+
+    def events_until(self, t: float) -> list[_Event]:
+        """The scheduled events that start before time t (drawn once, in order, from the seed)."""
+        ev = self.events
+        if ev is None:
+            return []
+        rng = self._event_rng
+        # events never overlap, so once one starts at or after t every earlier one is known
+        while not self._event_list or self._event_list[-1].t0 < t:
+            last = self._event_list[-1] if self._event_list else None
+            start = _uniform(rng, ev.start_s) if last is None else last.t1 + _uniform(rng, ev.gap_s)
+            if not self._event_round:
+                self._event_round = [ev.kinds[i] for i in rng.permutation(len(ev.kinds))]
+            self._event_list.append(self._draw_event(self._event_round.pop(0), start))
+        return [e for e in self._event_list if e.t0 < t]
+
+    def _draw_event(self, kind: str, t0: float) -> _Event:
+        """Parameters and duration of one event of ``kind`` starting at t0 (always the same draws)."""
+        ev, rng, px = self.events, self._event_rng, self._px
+        vessel = int(rng.integers(0, 1 << 30))
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        if kind == "shadow":
+            hold, peak = _uniform(rng, ev.shadow_s), _uniform(rng, ev.shadow_db)
+            params = {"hold": hold, "peak_db": peak, "vessel": float(vessel)}
+            return _Event(kind, t0, t0 + 2 * ev.shadow_ramp_s + hold, params)
+        if kind == "contact":
+            return _Event(kind, t0, t0 + _uniform(rng, ev.contact_s), {})
+        if kind == "blur":
+            speed = _uniform(rng, ev.blur_speed_mm_s) * px
+            period = 4.0 * ev.blur_amplitude_mm * px / speed
+            cycles = max(1, round(_uniform(rng, ev.blur_s) / period))
+            return _Event(kind, t0, t0 + cycles * period, {"speed": speed * side, "period": period})
+        distance, hold = _uniform(rng, ev.sweep_mm) * px, _uniform(rng, ev.sweep_hold_s)
+        travel = distance / (ev.sweep_speed_mm_s * px)
+        return _Event(kind, t0, t0 + 2 * travel + hold, {"distance": distance * side, "travel": travel})
+
+    def _event_offset(self, t: float) -> float:
+        """Extra lateral scene offset (pixels) from sweep and blur events at time t."""
+        for e in self.events_until(t):
+            if not e.t0 <= t < e.t1:
+                continue
+            u = t - e.t0
+            if e.kind == "sweep":
+                travel, distance = e.params["travel"], e.params["distance"]
+                frac = min(u, travel, max(e.t1 - e.t0 - u, 0.0)) / travel
+                return distance * min(frac, 1.0)
+            if e.kind == "blur":
+                period, speed = e.params["period"], e.params["speed"]
+                phase = (u / period) % 1.0  # triangle wave: 0 -> +A -> 0 -> -A -> 0
+                tri = 4 * phase if phase < 0.25 else 2 - 4 * phase if phase < 0.75 else 4 * phase - 4
+                return abs(speed) * period / 4.0 * tri * (1.0 if speed > 0 else -1.0)
+        return 0.0
+
+    def _event_state(self, t: float) -> dict[str, Any]:
+        """What the events do at time t: shadow (event, dB), contact loss dB, blur length px."""
+        out: dict[str, Any] = {"shadow": None, "contact_db": 0.0, "blur_px": 0.0, "active": []}
+        ev = self.events
+        for e in self.events_until(t):
+            if not e.t0 <= t < e.t1:
+                continue
+            out["active"].append(e.kind)
+            u = t - e.t0
+            if e.kind == "shadow":
+                ramp = ev.shadow_ramp_s
+                level = min(u / ramp, 1.0, max(e.t1 - t, 0.0) / ramp)
+                level = level * level * (3 - 2 * level)  # smoothstep: the fade starts and ends gently
+                out["shadow"] = (e, e.params["peak_db"] * level)
+            elif e.kind == "contact":
+                out["contact_db"] = ev.contact_loss_db
+        # motion blur from the probe's lateral speed (central difference of the offset)
+        exposure = ev.exposure_s
+        dt = 1e-3
+        speed = abs(self.probe_offset(t + dt)[0] - self.probe_offset(max(t - dt, 0.0))[0]) / (
+            t + dt - max(t - dt, 0.0)
+        )
+        out["blur_px"] = speed * exposure
+        return out
 
     # ------------------------------------------------------------------ rendering
 
@@ -673,6 +912,7 @@ class PhantomStream:
         labels: list[int] = []
         ids: list[int] = []
         radii: dict[int, float] = {}
+        full_area: dict[int, float] = {}  # a vessel's whole lumen (pixels), in view or not
 
         for v in self._vessels:
             scale = (
@@ -686,6 +926,7 @@ class PhantomStream:
             )
             a, b = v.a * scale, v.b * scale
             radii[v.target_id] = a * cfg.spacing_mm
+            full_area[v.target_id] = math.pi * a * b
             cx, cy = v.cx - ox, v.cy - oy
             wall = max(cfg.wall_thickness_mm * px, 1.0)
             reach = max(a, b) + 3 * wall + 2
@@ -740,6 +981,12 @@ class PhantomStream:
                     labels.append(NEEDLE_LABEL)
                     ids.append(NEEDLE_ID_OFFSET + episode)
 
+        events = self._event_state(t) if self.events is not None else None
+        shadow_db = None
+        if events is not None and events["shadow"] is not None:
+            shadow_db = self._shadow_map(events["shadow"], ox, oy)
+            extra_cum += shadow_db
+
         # Amplitude -> dB -> 8 bit. Depth gain (TGC - tissue attenuation) minus the extra attenuation
         # accumulated down each column (lumen: negative = posterior enhancement; needle: shadow).
         gain_db = self._depth_gain_db[:, None] - extra_cum
@@ -749,6 +996,12 @@ class PhantomStream:
         rng = np.random.default_rng([self.seed, 0xF4A3E, index])
         ny0, nx0 = (int(v) for v in rng.integers(0, _NOISE_PAD, size=2))
         noise = self._noise_tile[:, ny0 : ny0 + h, nx0 : nx0 + w]
+        if events is not None:
+            if events["blur_px"] >= 1.0:
+                amp = _box_blur_rows(amp, events["blur_px"])
+            if events["contact_db"] > 0:
+                amp *= np.float32(10.0 ** (-events["contact_db"] / 20.0))
+                noise = noise * np.float32(self.events.contact_noise_gain)
         amp += noise[0]
         amp *= amp
         amp += noise[1] * noise[1]
@@ -764,6 +1017,25 @@ class PhantomStream:
         else:
             mask_arr = np.zeros((0, h, w), dtype=bool)
             boxes = np.zeros((0, 4), dtype=np.float32)
+        visible = np.ones(len(masks), dtype=bool)
+        info_events: dict[str, Any] = {}
+        if events is not None:
+            ev = self.events
+            blur_mm = events["blur_px"] * cfg.spacing_mm
+            info_events = {
+                "active": list(events["active"]),
+                "shadow_db": 0.0 if events["shadow"] is None else events["shadow"][1],
+                "contact_db": events["contact_db"],
+                "blur_mm": blur_mm,
+            }
+            for row, mask in enumerate(masks):
+                tid = ids[row]
+                if tid in full_area and np.count_nonzero(mask) < ev.visible_fraction * full_area[tid]:
+                    visible[row] = False
+                if shadow_db is not None and float(shadow_db[mask].mean()) >= ev.shadow_visible_db:
+                    visible[row] = False
+            if events["contact_db"] >= ev.contact_visible_db or blur_mm >= ev.blur_visible_mm:
+                visible[:] = False
         return PhantomFrame(
             image=image,
             boxes=boxes.astype(np.float32),
@@ -776,8 +1048,29 @@ class PhantomStream:
                 "probe_offset_mm": (ox * cfg.spacing_mm, oy * cfg.spacing_mm),
                 "vessel_radius_mm": radii,
                 "needle": needle_info,
+                "image_to_world": self.image_to_world(t),
+                "events": info_events,
             },
+            visible=visible,
         )
+
+    def _shadow_map(self, shadow: tuple[_Event, float], ox: float, oy: float) -> np.ndarray:
+        """HxW float32 extra attenuation (dB) of a shadow event: a band of columns over its vessel,
+        from a little above the vessel down, with soft (2 px) sides."""
+        event, level_db = shadow
+        cfg, px = self.config, self._px
+        h, w = cfg.shape
+        out = np.zeros((h, w), dtype=np.float32)
+        if not self._vessels:
+            return out
+        v = self._vessels[int(event.params["vessel"]) % len(self._vessels)]
+        reach = max(v.a, v.b) * (1.0 + v.amplitude) + self.events.shadow_margin_mm * px
+        cx, top = v.cx - ox, max(v.cy - oy - max(v.a, v.b) * 1.3 - 2.0 * px, 0.0)
+        cols = np.arange(w, dtype=np.float32) + np.float32(0.5)
+        lateral = np.clip((reach - np.abs(cols - np.float32(cx))) / 2.0 + 0.5, 0.0, 1.0)
+        rows = np.arange(h, dtype=np.float32) + np.float32(0.5)
+        out += np.float32(level_db) * (rows[:, None] >= top) * lateral[None, :]
+        return out
 
     def _draw_needle(
         self,
@@ -840,6 +1133,22 @@ class PhantomStream:
         mask = np.zeros((h, w), dtype=bool)
         mask[r0:r1, c0:c1] = inside
         return mask
+
+
+def _box_blur_rows(amp: np.ndarray, length: float) -> np.ndarray:
+    """Average each row of ``amp`` over a centred window ``length`` pixels wide (a pixel's own width
+    included, so 1 changes nothing; fractional ends weighted; edges repeat the last pixel): the lateral
+    smear of probe motion during a frame."""
+    h, w = amp.shape
+    half = 0.5 * max(float(length) - 1.0, 0.0)
+    whole = int(math.floor(half))
+    frac = np.float32(half - whole)
+    padded = np.pad(amp, ((0, 0), (whole + 1, whole + 1)), mode="edge").astype(np.float64)
+    csum = np.concatenate((np.zeros((h, 1)), np.cumsum(padded, axis=1)), axis=1)
+    centre = np.arange(w) + whole + 1
+    inner = csum[:, centre + whole + 1] - csum[:, centre - whole]
+    edges = padded[:, centre - whole - 1] + padded[:, centre + whole + 1]
+    return ((inner + frac * edges) / (2 * whole + 1 + 2 * frac)).astype(np.float32)
 
 
 def _accumulate_down(total: np.ndarray, r0: int, c0: int, local_db: np.ndarray) -> None:

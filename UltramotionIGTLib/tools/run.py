@@ -49,6 +49,8 @@ def process_sequence(
     inputs: Iterable[Any] = (),
     intensity_window: Any = None,
     n_frames: int | None = None,
+    spacing: Any = None,
+    poses: Any = None,
 ) -> dict[str, Any]:
     """Run every frame through ``pipeline`` and write the outputs into ``out_dir`` AS FRAMES ARE
     PROCESSED (`UltramotionIGTLib.tools.outputs`): memory stays flat however long the recording.
@@ -67,7 +69,11 @@ def process_sequence(
     for Slicer with the fix-ups reported), kpi.jsonl, summary.json (``complete``, the intensity
     window, skipped frames...), overlay.png (a bounded sample of frames) and overlay.gif (the first 40
     frames) when ``gif``. A frame with no finite pixel is reported (``skipped``) and gets an empty
-    labelmap. ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler): each
+    labelmap. LOST targets are left out of the labelmaps; kpi.jsonl has the tracked targets per
+    visibility state and summary.json each segment's states over the frames (`VisibilityTimeline`).
+    ``spacing``: (sx, sy) mm per pixel (default: ``reference.spacing`` when it has one, else 1 mm);
+    ``poses``: per frame the image-to-reference 4x4 transform in image mm, None entries where
+    unknown (default: `sequence_poses` of ``reference``). ``sync_audit``: count host syncs per frame (`RuntimeTransferAudit`, no profiler): each
     frame's KPI record gets ``host_syncs``/``declared_hops`` and the summary ``host_syncs_per_frame``
     and ``declared_hops_per_frame``; off (the default), those fields are absent. ``on_result``:
     called with (frame index, `HostResult`) for each processed frame (nothing else keeps results).
@@ -102,6 +108,11 @@ def process_sequence(
         folder.release(keep_empty=True)
         raise
     state = {"processed": 0, "t_start": time.perf_counter()}
+    if spacing is None and getattr(reference, "spacing", None) is not None:
+        spacing = tuple(float(v) for v in reference.spacing[:2])
+    if poses is None:
+        poses = sequence_poses(reference)
+    timeline = VisibilityTimeline()
 
     def summary() -> dict[str, Any]:
         wall_s = time.perf_counter() - state["t_start"]
@@ -133,6 +144,7 @@ def process_sequence(
             ],
             "naming": NAMING_RULE,
             "pipeline": {k: v for k, v in pipeline.describe().items() if k not in ("config", "class_names")},
+            "visibility": timeline.to_dict(),
         }
 
     bar = tqdm(total=n, desc="frames", unit="frame", disable=not progress or n < 2, file=sys.stderr)
@@ -156,6 +168,8 @@ def process_sequence(
                 audit=audit,
                 sink=kpi,
                 on_skip=skipped,
+                spacing=spacing,
+                poses=itertools.islice(poses, n) if poses is not None else None,
             ):
                 if audit is not None:  # counts are in the records: keep no frame's events
                     del audit.frames[:-1]
@@ -163,6 +177,7 @@ def process_sequence(
                 recorder.log(record)
                 recorder.add_item(table.labelmap(result), result.timestamp, table.segments())
                 recorder.sample(frame, result)
+                timeline.add(result)
                 state["processed"] += 1
                 if on_result is not None:
                     on_result(result.frame_index, result)
@@ -179,6 +194,69 @@ NAMING_RULE = (
     "one segment per tracked target, '<class>-<id>'; one segment per class, '<class>-untracked', for "
     "the detections without a track id in a frame (tentative targets, or all of them with tracking off)"
 )
+
+
+class VisibilityTimeline:
+    """Each segment's visibility state over the frames, run-length coded as results arrive:
+    ``{"vessel-3": [[first frame, last frame, "VISIBLE"], [first, last, "RELOCALIZING"], ...]}``
+    (frames where a segment is absent are gaps). Empty when the pipeline ran without the visibility
+    stage. An untracked segment (several targets) shows its best state."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, list[list[Any]]] = {}
+
+    def add(self, result: Any) -> None:
+        if result.states is None:
+            return
+        frame = int(result.frame_index)
+        for name, state in result.segment_states().items():
+            runs = self._runs.setdefault(name, [])
+            if runs and runs[-1][2] == state and runs[-1][1] == frame - 1:
+                runs[-1][1] = frame
+            else:
+                runs.append([frame, frame, state])
+
+    def to_dict(self) -> dict[str, list[list[Any]]]:
+        return {name: [list(run) for run in runs] for name, runs in self._runs.items()}
+
+
+def sequence_poses(sequence: Any) -> list[Any] | None:
+    """Per frame, the image-to-reference pose a recording carries for the visibility stage, or None.
+
+    Uses a PLUS ``ImageToReference`` or ``ImageToTracker`` transform, else ``ProbeToReference`` /
+    ``ProbeToTracker`` composed with an ``ImageToProbe`` calibration; PLUS's image coordinates are
+    pixels, so each pose is rescaled to image millimetres with the sequence's spacing. A frame whose
+    transform status is not OK gets None. Without a calibrated image transform there is no pose (a
+    probe pose alone does not say how the image lies in the probe): None.
+    """
+    import numpy as np
+
+    transforms = getattr(sequence, "transforms", None) or {}
+    status = getattr(sequence, "transform_status", None) or {}
+    n = len(sequence.frames)
+
+    def ok(name: str) -> np.ndarray:
+        return np.asarray(status.get(name, np.ones(n, bool)), dtype=bool)
+
+    poses = valid = None
+    for name in ("ImageToReference", "ImageToTracker"):
+        if name in transforms:
+            poses, valid = transforms[name], ok(name)
+            break
+    if poses is None and "ImageToProbe" in transforms:
+        for name in ("ProbeToReference", "ProbeToTracker"):
+            if name in transforms:
+                poses = transforms[name] @ transforms["ImageToProbe"]
+                valid = ok(name) & ok("ImageToProbe")
+                break
+    if poses is None:
+        return None
+    sx, sy = (float(v) for v in sequence.spacing[:2])
+    to_pixels = np.diag([1.0 / sx, 1.0 / sy, 1.0, 1.0])
+    return [
+        (pose @ to_pixels) if good and np.all(np.isfinite(pose)) else None
+        for pose, good in zip(poses, valid, strict=True)
+    ]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

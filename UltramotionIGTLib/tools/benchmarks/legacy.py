@@ -12,7 +12,7 @@ and the Slicer module does not offer it.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -115,6 +115,13 @@ def _postprocess_numpy(
     return xyxy, top_scores.astype(np.float32), labels
 
 
+class HostWeights(NamedTuple):
+    """The legacy path's mask weights: K x 2 centroids and K areas, computed with numpy."""
+
+    centroids: torch.Tensor
+    areas: torch.Tensor
+
+
 class LegacyPipeline(Pipeline):
     """`Pipeline` with the in-house habits, switched by the seed's names.
 
@@ -198,8 +205,11 @@ class LegacyPipeline(Pipeline):
         to_dev = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         return to_dev(boxes), to_dev(scores), to_dev(labels), to_dev(valid), to_dev(masks), probs
 
-    def _mask_weights(self, probs: Any, scores: torch.Tensor, valid: torch.Tensor) -> tuple:
-        """Weighted centroids and areas with numpy, one target at a time (the seed's CPU version)."""
+    def _mask_weights(
+        self, probs: Any, scores: torch.Tensor, valid: torch.Tensor, spacing: Any = None, stride: int = 1
+    ) -> HostWeights:
+        """Weighted centroids and areas with numpy, one target at a time (the seed's CPU version). The
+        visibility stage then makes its weight maps on the device from these masks."""
         if torch.is_tensor(probs):
             probs = probs.cpu().numpy()
         s = scores.cpu().numpy()
@@ -216,7 +226,9 @@ class LegacyPipeline(Pipeline):
             if total > 0:
                 centroids[i] = ((wts * xs).sum() / total, (wts * ys).sum() / total)
             areas[i] = probs[i].sum()
-        return torch.from_numpy(centroids).to(self.device), torch.from_numpy(areas).to(self.device)
+        return HostWeights(
+            torch.from_numpy(centroids).to(self.device), torch.from_numpy(areas).to(self.device)
+        )
 
 
 def build_pipeline(detector: Any, segmenter: Any, config: PipelineConfig, legacy: bool = False) -> Pipeline:

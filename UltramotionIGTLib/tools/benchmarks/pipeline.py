@@ -12,6 +12,8 @@ Prints per stage p50 (and p95/p99/max per column), FPS and the ratio to fp32 eag
 memory per frame (CUDA), and the runtime transfer audit of each column in a separate pass (so that
 counting never slows the timed pass): host syncs per frame, and on CUDA the sync-debug-mode warnings
 and the profiler's device-to-host memcpy count.
+Also prints the visibility stage's share of the fp32-eager resident path's frame time (its scores
+and state machine, `UltramotionIGTLib.core.visibility`).
 """
 
 from __future__ import annotations
@@ -217,6 +219,9 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    vis_p50 = base["latency_ms"].get("visibility", {}).get("p50")
+    e2e_p50 = base["latency_ms"].get("end_to_end", {}).get("p50")
+    report["visibility_share"] = vis_p50 / e2e_p50 if vis_p50 is not None and e2e_p50 else None
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -292,4 +297,12 @@ def _text(report: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(
                 f"{n} / fp32 eager: FPS {ratio['fps']:.2f}x, end-to-end p50 {ratio['end_to_end_p50']:.2f}x"
             )
+    share = report.get("visibility_share")
+    if share is not None:
+        vis = paths[BASE]["latency_ms"]["visibility"]["p50"]
+        e2e = paths[BASE]["latency_ms"]["end_to_end"]["p50"]
+        lines.append(
+            f"visibility stage (scores + state machine): p50 {vis:.2f} ms = {100.0 * share:.1f} % of the "
+            f"fp32 eager end-to-end p50 ({e2e:.1f} ms)"
+        )
     return "\n".join(lines)
