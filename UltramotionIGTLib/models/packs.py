@@ -1075,17 +1075,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_make)
+    from UltramotionIGTLib.models import dfine_original
+
+    p = sub.add_parser(
+        "import-dfine", help="convert an original D-FINE checkpoint (.pt/.pth) into a detector folder"
+    )
+    dfine_original.configure(p)
+    p.set_defaults(func=dfine_original.run)
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
-    """``ultramotion-igt models list | verify [PACK] | import PACK [--force] | manifest DIR | make``.
+    """``ultramotion-igt models list | verify [PACK] | import PACK [--force] | manifest DIR | make``
+    ``| import-dfine CHECKPOINT --out DIR`` (`dfine_original`; its bad input exits 2 via the dispatcher).
 
     Exit 0 on success, 1 when a pack is missing, fails verification or cannot be installed (one
     line on stderr naming the file), 2 for bad arguments.
     """
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    if args.command == "import-dfine":  # bad input reaches the CLI dispatcher: one line, exit 2
+        return int(args.func(args))
     try:
         return int(args.func(args))
     except CheckpointError as exc:
