@@ -62,6 +62,7 @@ def test_the_tree_has_the_commands_of_the_reference():
         "models import",
         "models manifest",
         "models make",
+        "models import-dfine",
         "bench pipeline",
         "bench sam",
         "bench matcher",

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from UltramotionIGTLib.core.detector import (
     CONFIG_NAME,
@@ -16,7 +17,9 @@ from UltramotionIGTLib.core.detector import (
     WEIGHTS_NAME,
     Detections,
     DFineDetector,
+    Preprocessing,
     postprocess_detections,
+    preprocess_frames,
     save_detector_folder,
     small_dfine_config,
     write_random_detector,
@@ -25,6 +28,9 @@ from UltramotionIGTLib.errors import CheckpointError, UnsupportedImageTypeError
 from UltramotionIGTLib.tools.benchmarks.legacy import run_inference_legacy
 
 NON_SQUARE = (616, 820)  # H, W of the PLUS SpinePhantom frames
+# The legacy host path resizes bilinearly without antialiasing; the resident path resizes as the image
+# processor does (antialiased). They agree on frames that need no resize: the model input size.
+MODEL_SIZE = (256, 256)
 
 
 @pytest.fixture(autouse=True)
@@ -195,6 +201,55 @@ def test_normalising_processor_config_is_mirrored(detector_dir, tmp_path):
     _assert_same(detector.run_inference_torch(colour), run_inference_legacy(detector, colour))
 
 
+@pytest.mark.plus
+@pytest.mark.parametrize("resample", [2, 3, 0])
+def test_device_resize_equals_the_image_processor_on_plus_frames(plus_dir, tmp_path, resample):
+    """The processor the folder declares and the device path give the same model input (PLUS frames)."""
+    from transformers import RTDetrImageProcessor
+
+    from UltramotionIGTLib.io import read_sequence
+
+    frames = torch.from_numpy(read_sequence(plus_dir / "SpinePhantomFreehand.igs.mha").frames[:3])  # 616x820
+    for size in [(640, 640), (256, 256), (320, 480)]:
+        settings = Preprocessing(input_size=size, resample=resample)
+        settings.write(tmp_path)
+        processor = RTDetrImageProcessor.from_pretrained(str(tmp_path))
+        for batch in (frames, frames.float()):  # uint8 frames are resized as integers, float ones as floats
+            theirs = processor(images=list(batch[:, None].expand(-1, 3, -1, -1)), return_tensors="pt")
+            ours = preprocess_frames(batch[:, None], settings)
+            difference = (ours - theirs["pixel_values"]).abs()
+            # uint8: torchvision's CPU kernel weighs in 16-bit fixed point, we in float: one grey level
+            # on a few pixels (under 1 % here), never more
+            assert float(difference.max()) <= 1.0 / 255.0 + 1e-6, (size, resample, batch.dtype)
+            assert float((difference > 0.5 / 255.0).float().mean()) < 0.01, (size, resample, batch.dtype)
+        if resample == 2 and size == (256, 256):  # the old resize (no antialiasing) was far off
+            old = F.interpolate(frames[:, None].float(), size=size, mode="bilinear", antialias=False) / 255.0
+            assert float((old.expand(-1, 3, -1, -1) - theirs["pixel_values"]).abs().max()) > 0.1
+
+
+def test_unsupported_resample_names_the_processor_config(detector_dir, tmp_path):
+    folder = shutil.copytree(detector_dir, tmp_path / "lanczos")
+    settings = json.loads((folder / PREPROCESSOR_NAME).read_text())
+    settings["resample"] = 1
+    (folder / PREPROCESSOR_NAME).write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match="LANCZOS") as err:
+        DFineDetector.from_pretrained(folder, device="cpu")
+    assert str(folder / PREPROCESSOR_NAME) in str(err.value)
+
+
+def test_folder_without_batchnorm_counters_loads(detector, detector_dir, tmp_path):
+    """transformers' own folders (e.g. the hub's) leave out num_batches_tracked; they load as they are."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(detector_dir, tmp_path / "no_counters")
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    counters = [k for k in tensors if k.endswith("num_batches_tracked")]
+    assert counters
+    save_file({k: v for k, v in tensors.items() if k not in counters}, str(folder / WEIGHTS_NAME))
+    loaded = DFineDetector.from_pretrained(folder, device="cpu")
+    _assert_same(loaded.run_inference_torch(_frame()), detector.run_inference_torch(_frame()))
+
+
 def test_without_processor_config_the_config_size_is_used(detector_dir, tmp_path):
     folder = shutil.copytree(detector_dir, tmp_path / "no_processor")
     (folder / PREPROCESSOR_NAME).unlink()
@@ -268,7 +323,7 @@ def test_boxes_are_in_input_frame_pixels_for_non_square_frames(detector):
 
 @pytest.mark.parametrize("layout", ["hw_uint8", "hwc_float", "chw_float", "1hw_uint8", "numpy_hw"])
 def test_legacy_path_equals_resident_path(detector, layout):
-    gray = _frame(NON_SQUARE, seed=5)
+    gray = _frame(MODEL_SIZE, seed=5)
     frame = {
         "hw_uint8": gray,
         "hwc_float": gray.float()[..., None].expand(-1, -1, 3).contiguous(),
@@ -286,11 +341,11 @@ def test_legacy_path_equals_resident_path(detector, layout):
 
 def test_colour_frames_and_batches(detector):
     g = torch.Generator().manual_seed(7)
-    colour = torch.randint(0, 256, (320, 480, 3), dtype=torch.uint8, generator=g)
+    colour = torch.randint(0, 256, (*MODEL_SIZE, 3), dtype=torch.uint8, generator=g)
     single = detector.run_inference_torch(colour)
     _assert_same(single, detector.run_inference_torch(colour.permute(2, 0, 1)))
     _assert_same(single, run_inference_legacy(detector, colour))
-    frames = torch.stack([_frame((320, 480), seed=8), _frame((320, 480), seed=9)])
+    frames = torch.stack([_frame(MODEL_SIZE, seed=8), _frame(MODEL_SIZE, seed=9)])
     batch = detector.run_inference_batch(frames)
     assert batch.boxes.shape == (2, detector.num_queries, 4)
     for i in range(2):
@@ -396,6 +451,36 @@ def test_bad_config_names_the_file(detector_dir, tmp_path):
         DFineDetector.from_pretrained(bad_size, device="cpu")
 
 
+@pytest.mark.parametrize("model_type", ["rt_detr", "rt_detr_v2"])
+def test_rt_detr_folders_get_one_line_naming_them(detector_dir, tmp_path, model_type):
+    folder = _copy(detector_dir, tmp_path / model_type)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["model_type"] = model_type
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        DFineDetector.from_pretrained(folder, device="cpu")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and str(folder / CONFIG_NAME) in message
+    assert ("RT-DETRv2" if model_type == "rt_detr_v2" else "RT-DETR (") in message and "'d_fine'" in message
+
+
+def test_original_checkpoint_where_a_folder_is_expected_points_at_import_dfine(tmp_path):
+    checkpoint = tmp_path / "Dfine_last.pt"
+    torch.save({"backbone.stem.stem1.conv.weight": torch.zeros(16, 3, 3, 3)}, checkpoint)
+    with pytest.raises(CheckpointError, match="models import-dfine") as err:
+        DFineDetector.from_pretrained(checkpoint, device="cpu")
+    assert str(checkpoint) in str(err.value) and len(str(err.value).splitlines()) == 1
+    renamed = tmp_path / "weights.bin.renamed"  # recognised by content, not only by name
+    renamed.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(CheckpointError, match="models import-dfine"):
+        DFineDetector.from_pretrained(renamed, device="cpu")
+    folder = tmp_path / "run42"
+    folder.mkdir()
+    checkpoint.rename(folder / "Dfine_last_mono.pth")
+    with pytest.raises(CheckpointError, match=r"has no config.json.*Dfine_last_mono.pth.*import-dfine"):
+        DFineDetector.from_pretrained(folder, device="cpu")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_corrupt_weights_name_the_file(detector_dir, tmp_path, damage):
     folder = _copy(detector_dir, tmp_path / damage)
@@ -456,14 +541,15 @@ def test_half_precision_checkpoint_runs(detector_dir, tmp_path):
     folder = half.save_pretrained(tmp_path / "bf16")
     loaded = DFineDetector.from_pretrained(folder, device="cpu")
     assert loaded.model.dtype == torch.bfloat16
-    detections = loaded.run_inference_torch(_frame())
+    frame = _frame(MODEL_SIZE)
+    detections = loaded.run_inference_torch(frame)
     assert detections.boxes.dtype == torch.float32 and detections.scores.dtype == torch.float32
     # the sorted scores follow the float32 model up to bf16 rounding (random weights: near-ties reorder)
     torch.testing.assert_close(
-        detections.scores, reference.run_inference_torch(_frame()).scores, rtol=0, atol=0.02
+        detections.scores, reference.run_inference_torch(frame).scores, rtol=0, atol=0.02
     )
     # bf16 logits tie exactly; topk and the legacy argsort may order ties differently: compare as sets
-    legacy = run_inference_legacy(loaded, _frame())
+    legacy = run_inference_legacy(loaded, frame)
     np.testing.assert_allclose(_rows(detections), _rows(legacy), rtol=1e-5, atol=1e-3)
 
 
@@ -487,5 +573,7 @@ def test_cuda_resident_path_has_no_syncs_and_matches_cpu(detector_dir):
     reference = cpu.run_inference_torch(frame)
     torch.testing.assert_close(detections.scores.cpu(), reference.scores, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(detections.boxes.cpu(), reference.boxes, rtol=1e-3, atol=0.5)
-    legacy = run_inference_legacy(gpu, on_gpu)
-    torch.testing.assert_close(legacy.scores, detections.scores, rtol=1e-5, atol=1e-6)
+    at_model_size = _frame(MODEL_SIZE).to("cuda")
+    legacy = run_inference_legacy(gpu, at_model_size)
+    resident = gpu.run_inference_torch(at_model_size)
+    torch.testing.assert_close(legacy.scores, resident.scores, rtol=1e-5, atol=1e-6)

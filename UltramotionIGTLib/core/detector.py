@@ -6,8 +6,8 @@ rescale, normalisation). Real D-FINE folders from the hub load as they are; `sma
 `write_random_detector` make tiny models in the same format for tests and the demo.
 
 `DFineDetector.run_inference_torch(frame)` keeps everything on the model's device: the frame is turned
-into the model input (float, 3 channels, bilinear resize, rescale as the image processor does), the
-model runs under ``torch.inference_mode()`` and the post-processing (sigmoid scores, top-k over
+into the model input (float, the model's 1 or 3 channels, resized and rescaled as the folder's image
+processor does: `preprocess_frames`), the model runs under ``torch.inference_mode()`` and the post-processing (sigmoid scores, top-k over
 queries x classes, cxcywh -> XYXY in pixels of the input frame) is done with tensor ops. It returns
 a fixed number K of detections sorted by score, with no thresholding: the caller masks on the device.
 No ``.cpu()/.item()/.tolist()/.numpy()/bool(tensor)/nonzero`` happens in that path (a test counts them).
@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,22 +177,34 @@ def postprocess_detections(
 # Preprocessing settings (what transformers' RTDetrImageProcessor does, mirrored on the device)
 
 
+#: PIL resample codes (what ``preprocessor_config.json`` stores) -> ``torch.nn.functional.interpolate``
+#: modes, as transformers' torchvision-backed processors map them (PIL NEAREST -> "nearest-exact").
+#: BOX, HAMMING and LANCZOS (4, 5, 1) have no device implementation in torch.
+RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+#: ITU-R BT.601 luma weights (PIL's ``convert("L")``): colour frames into a one-channel model
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a frame becomes the model input; mirrors `RTDetrImageProcessor` (D-FINE's processor).
 
     input_size: (H, W) of the model input, multiples of the largest feature stride (32).
-    Resize is bilinear without antialiasing (``torch.nn.functional.interpolate``); then
-    ``x * rescale_factor`` if do_rescale, then ``(x - mean) / std`` if do_normalize. The processor's
-    defaults are rescale 1/255 and no normalisation.
+    resample: the processor's PIL resample code (2 bilinear, the default; 3 bicubic; 0 nearest). The
+    resize is the one of transformers' torchvision backend (``torchvision.transforms.v2.functional
+    .resize``, antialiased for bilinear/bicubic; integer frames resized as integers, see
+    `preprocess_frames`). Then ``x * rescale_factor`` if do_rescale, then ``(x - mean) / std`` if
+    do_normalize. The processor's defaults are bilinear, rescale 1/255 and no normalisation.
     """
 
     input_size: tuple[int, int] = HF_DEFAULT_INPUT_SIZE
     do_rescale: bool = True
     rescale_factor: float = 1.0 / 255.0
     do_normalize: bool = False
-    image_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    image_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    image_std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    resample: int = 2
 
     @classmethod
     def from_json_file(cls, path: Path, fallback_size: tuple[int, int] | None = None) -> Preprocessing:
@@ -217,13 +230,25 @@ class Preprocessing:
                 f"detector preprocessing config {path} has no size {{'height': H, 'width': W}}: "
                 "D-FINE needs a fixed input size; add it to the file"
             )
+        resample = data.get("resample", 2)
+        if resample is None:
+            resample = 2
+        if not isinstance(resample, int) or resample not in RESAMPLE_MODES:
+            name = (
+                RESAMPLE_NAMES.get(resample, repr(resample)) if isinstance(resample, int) else repr(resample)
+            )
+            raise CheckpointError(
+                f"detector preprocessing config {path} asks for resample {name}: the device resize supports "
+                "0 (NEAREST), 2 (BILINEAR) and 3 (BICUBIC)"
+            )
         return cls(
             input_size=input_size,
             do_rescale=bool(data.get("do_rescale", True)),
             rescale_factor=float(data.get("rescale_factor", 1.0 / 255.0)),
             do_normalize=bool(data.get("do_normalize", False)),
-            image_mean=tuple(float(v) for v in data.get("image_mean", IMAGENET_DEFAULT_MEAN)),  # type: ignore[arg-type]
-            image_std=tuple(float(v) for v in data.get("image_std", IMAGENET_DEFAULT_STD)),  # type: ignore[arg-type]
+            image_mean=_channel_values(data.get("image_mean", IMAGENET_DEFAULT_MEAN), path),
+            image_std=_channel_values(data.get("image_std", IMAGENET_DEFAULT_STD), path),
+            resample=resample,
         )
 
     def write(self, folder: Path) -> Path:
@@ -232,6 +257,7 @@ class Preprocessing:
         kwargs = dict(
             size={"height": int(self.input_size[0]), "width": int(self.input_size[1])},
             do_resize=True,
+            resample=int(self.resample),
             do_rescale=self.do_rescale,
             rescale_factor=self.rescale_factor,
             do_normalize=self.do_normalize,
@@ -244,9 +270,55 @@ class Preprocessing:
 
             RTDetrImageProcessor(**kwargs).to_json_file(str(path))
         except ImportError:  # torchvision missing: write the same keys by hand
-            data = {"image_processor_type": "RTDetrImageProcessor", "resample": 2, **kwargs}
+            data = {"image_processor_type": "RTDetrImageProcessor", **kwargs}
             path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
+
+    def channel_constants(
+        self, num_channels: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) as 1xCx1x1 float32 tensors on ``device`` (a one-channel model takes the first)."""
+        mean = torch.tensor(self.image_mean[:num_channels], dtype=torch.float32, device=device)
+        std = torch.tensor(self.image_std[:num_channels], dtype=torch.float32, device=device)
+        return mean.view(1, -1, 1, 1), (1.0 / std).view(1, -1, 1, 1)
+
+
+def _channel_values(values: Any, path: Path) -> tuple[float, ...]:
+    if isinstance(values, (int, float)):
+        values = [values] * 3
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"detector preprocessing config {path}: bad image_mean/image_std {values!r}"
+        ) from exc
+    if len(out) not in (1, 3):
+        raise CheckpointError(
+            f"detector preprocessing config {path}: image_mean/image_std need 1 or 3 values"
+        )
+    return out if len(out) == 3 else out * 3
+
+
+def _resize_like_processor(x: torch.Tensor, size: tuple[int, int], mode: str, integer: bool) -> torch.Tensor:
+    """BxCxHxW float32 -> BxCx``size``: the image processor's resize of a float or an integer frame.
+
+    Float frames: one antialiased ``interpolate`` (torchvision's float path). Integer frames go the
+    way torchvision's CPU uint8 kernel takes them (``torch._C._nn._upsample_bilinear2d_aa`` and its
+    bicubic twin, ``UpSampleKernel.cpp``): width pass, rounded and clipped to 0..255, then height pass,
+    rounded and clipped; it works in 16-bit fixed point where we use float, which leaves a one-grey-level
+    difference on a few pixels.
+    """
+    if mode == "nearest-exact":
+        return F.interpolate(x, size=size, mode=mode)
+    if not integer:
+        return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    if x.shape[-1] != size[1]:
+        x = F.interpolate(x, size=(x.shape[-2], size[1]), mode=mode, align_corners=False, antialias=True)
+        x = x.round().clamp(0.0, 255.0)
+    if x.shape[-2] != size[0]:
+        x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+        x = x.round().clamp(0.0, 255.0)
+    return x
 
 
 def preprocess_frames(
@@ -257,32 +329,43 @@ def preprocess_frames(
     channels_last: bool = False,
     mean: torch.Tensor | None = None,
     inv_std: torch.Tensor | None = None,
+    num_channels: int = 3,
 ) -> torch.Tensor:
     """Frames -> D-FINE input, all with tensor ops on ``device`` (default: the frames' device).
 
-    batch: BxCxHxW, C = 1 (grey) or 3, uint8 or float in 0..255. Returns Bx3xhxw float32,
-    (h, w) = ``preprocessing.input_size``: bilinear resize (no antialiasing), rescale, grey to three
-    channels, optional normalisation. Training code uses this too, so that the model is trained on
-    exactly what inference feeds it. ``mean``/``inv_std`` (1x3x1x1 on device) avoid rebuilding the
-    normalisation constants per call.
+    batch: BxCxHxW, C = 1 (grey) or 3, uint8 (or another integer type) or float in 0..255.
+    num_channels: the model's input channels: 3 (grey frames repeat their plane) or 1 (colour frames
+    become BT.601 luma, rounded for integer frames, as PIL's ``convert("L")``). Returns
+    Bxnum_channelsxhxw float32, (h, w) = ``preprocessing.input_size``: the processor's resize
+    (`_resize_like_processor`: within one grey level of it on integer frames, float frames to float
+    rounding), rescale, optional normalisation. No host sync. Training code uses this too, so that the
+    model is trained on exactly what inference feeds it. ``mean``/``inv_std`` (1xCx1x1 on device,
+    `Preprocessing.channel_constants`) avoid rebuilding the constants per call. Source of the resize
+    semantics: ``transformers.image_processing_backends.TorchvisionBackend.resize`` and
+    ``torchvision.transforms.v2.functional.resize_image``.
     """
-    x = batch.to(device if device is not None else batch.device, non_blocking=True).to(torch.float32)
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
+    mode = RESAMPLE_MODES.get(preprocessing.resample)
+    if mode is None:
+        raise ValueError(f"resample {preprocessing.resample} has no device resize (use 0, 2 or 3)")
+    x = batch.to(device if device is not None else batch.device, non_blocking=True)
+    integer = not (x.is_floating_point() or x.is_complex())
+    x = x.to(torch.float32)
+    if num_channels == 1 and x.shape[1] == 3:
+        r, g, b = LUMA_WEIGHTS
+        x = r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
+        if integer:
+            x = x.round()
     if tuple(x.shape[-2:]) != tuple(preprocessing.input_size):
-        x = F.interpolate(
-            x, size=preprocessing.input_size, mode="bilinear", align_corners=False, antialias=False
-        )
+        x = _resize_like_processor(x, tuple(preprocessing.input_size), mode, integer)
     if preprocessing.do_rescale:
         x = x * preprocessing.rescale_factor
-    if x.shape[1] == 1:  # grey: the same plane in all three channels (resize once, not three times)
+    if num_channels == 3 and x.shape[1] == 1:  # grey: the same plane in all three channels (resize once)
         x = x.expand(-1, 3, -1, -1)
     if preprocessing.do_normalize:
         if mean is None or inv_std is None:
-            mean = torch.tensor(preprocessing.image_mean, dtype=torch.float32, device=x.device).view(
-                1, 3, 1, 1
-            )
-            inv_std = 1.0 / torch.tensor(preprocessing.image_std, dtype=torch.float32, device=x.device).view(
-                1, 3, 1, 1
-            )
+            mean, inv_std = preprocessing.channel_constants(num_channels, x.device)
         x = (x - mean) * inv_std
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -411,15 +494,35 @@ def _check_folder(folder: Path) -> tuple[Path, Path]:
             f"({CONFIG_NAME} + {WEIGHTS_NAME}), e.g. one written by `write_random_detector`"
         )
     if not folder.is_dir():
+        if _looks_like_torch_checkpoint(folder):
+            raise CheckpointError(
+                f"detector path {folder} is a file (a PyTorch checkpoint), not an HF-format D-FINE folder; "
+                f"a checkpoint of the original D-FINE code converts with "
+                f"`ultramotion-igt models import-dfine {folder} --out DIR`, then pass DIR"
+            )
         raise CheckpointError(f"detector path {folder} is a file; pass the folder holding {CONFIG_NAME}")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise CheckpointError(f"detector folder {folder} has no {CONFIG_NAME} (expected {config_path})")
+        checkpoints = sorted(
+            p.name for p in folder.iterdir() if p.is_file() and _looks_like_torch_checkpoint(p)
+        )
+        hint = (
+            f"; it holds {checkpoints[0]}: a checkpoint of the original D-FINE code converts with "
+            f"`ultramotion-igt models import-dfine {folder / checkpoints[0]} --out DIR`"
+            if checkpoints
+            else ""
+        )
+        raise CheckpointError(f"detector folder {folder} has no {CONFIG_NAME} (expected {config_path}){hint}")
     try:
         config_data = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"detector config {config_path} is not valid JSON: {exc}") from exc
     model_type = config_data.get("model_type") if isinstance(config_data, dict) else None
+    if model_type in _OTHER_DETECTORS:
+        raise CheckpointError(
+            f"detector config {config_path} is an {_OTHER_DETECTORS[model_type]} folder (model_type "
+            f"{model_type!r}); only D-FINE folders (model_type 'd_fine', DFineForObjectDetection) run here"
+        )
     if model_type != "d_fine":
         raise CheckpointError(
             f"detector config {config_path} has model_type {model_type!r}, expected 'd_fine' "
@@ -454,6 +557,28 @@ def _check_folder(folder: Path) -> tuple[Path, Path]:
     for shard in shard_files:
         _check_safetensors(shard)
     return config_path, weights
+
+
+#: transformers detectors that share D-FINE's processor and look alike, named in the refusal
+_OTHER_DETECTORS = {
+    "rt_detr": "RT-DETR (transformers RTDetrForObjectDetection)",
+    "rt_detr_v2": "RT-DETRv2 (transformers RTDetrV2ForObjectDetection)",
+}
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
+
+
+def _looks_like_torch_checkpoint(path: Path) -> bool:
+    """A ``torch.save`` file by name or content (a zip with ``data.pkl``, or a pickle), without loading it."""
+    if path.suffix.lower() in _TORCH_SUFFIXES:
+        return True
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"\x80"  # pickle protocol 2+
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _check_safetensors(path: Path) -> None:
@@ -532,13 +657,10 @@ class DFineDetector:
         num_labels = int(config.num_labels)
         id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
         self._class_names = tuple(id2label.get(i, f"class_{i}") for i in range(num_labels))
+        # 3 (RGB) or 1 (grey models, e.g. imported from the original D-FINE code with a one-channel stem)
+        self._num_channels = int(getattr(config.backbone_config, "num_channels", 3))
         # per-channel constants live on the device once, so that no frame needs a host-to-device copy
-        self._mean = torch.tensor(preprocessing.image_mean, dtype=torch.float32, device=self._device).view(
-            1, 3, 1, 1
-        )
-        self._inv_std = (
-            1.0 / torch.tensor(preprocessing.image_std, dtype=torch.float32, device=self._device)
-        ).view(1, 3, 1, 1)
+        self._mean, self._inv_std = preprocessing.channel_constants(self._num_channels, self._device)
 
     # ---------------------------------------------------------------- loading / saving
 
@@ -602,7 +724,8 @@ class DFineDetector:
             problems.append(
                 f"{len(mismatched)} tensors have other shapes than the config, e.g. {_describe(mismatched)}"
             )
-        missing = sorted(info.get("missing_keys") or [])
+        # folders saved by transformers leave out BatchNorm's num_batches_tracked (training-only counters)
+        missing = sorted(k for k in (info.get("missing_keys") or []) if not k.endswith("num_batches_tracked"))
         if missing:
             problems.append(f"{len(missing)} tensors are missing, e.g. {missing[:3]}")
         unexpected = sorted(
@@ -680,6 +803,11 @@ class DFineDetector:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def num_channels(self) -> int:
+        """Input channels of the model: 3, or 1 for grey models."""
+        return self._num_channels
 
     @property
     def model(self) -> Any:
@@ -766,7 +894,10 @@ class DFineDetector:
         return outputs.logits, outputs.pred_boxes
 
     def preprocess_torch(self, batch: torch.Tensor) -> torch.Tensor:
-        """BxCxHxW (C = 1 or 3, any device, uint8/float 0..255) -> Bx3xhxw float32 model input on device."""
+        """BxCxHxW (C = 1 or 3, any device, uint8/float 0..255) -> model input on device.
+
+        Bx``num_channels``xhxw float32, as the folder's image processor makes it (`preprocess_frames`).
+        """
         return preprocess_frames(
             batch,
             self._preprocessing,
@@ -774,6 +905,7 @@ class DFineDetector:
             channels_last=self._channels_last,
             mean=self._mean,
             inv_std=self._inv_std,
+            num_channels=self._num_channels,
         )
 
 

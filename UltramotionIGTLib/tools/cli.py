@@ -79,7 +79,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "models",
-        "model packs: list, verify, import, manifest, make",
+        "model packs: list, verify, import, manifest, make; original D-FINE checkpoints: import-dfine",
         f"{_LIB}.models.packs",
         children=tuple(
             Command(name, help_, f"{_LIB}.models.packs", f"_{name}")
@@ -90,6 +90,13 @@ COMMANDS: tuple[Command, ...] = (
                 ("manifest", "write DIR/manifest.json for the models in DIR"),
                 ("make", "build a pack (folder or .zip) from a D-FINE folder and a SAM checkpoint"),
             )
+        )
+        + (
+            Command(
+                "import-dfine",
+                "convert an original D-FINE checkpoint (.pt/.pth) into a detector folder",
+                f"{_LIB}.models.dfine_original",
+            ),
         ),
     ),
     Command(

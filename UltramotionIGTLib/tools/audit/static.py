@@ -99,11 +99,14 @@ DEFAULT_ENTRIES = (
 #: functions the hot path reaches in the call graph but never runs per frame in the resident path,
 #: each named (``file:function``; a ``*`` stands for every function of a file): the numpy edge of the
 #: SAM predictor (``predict_boxes(as_numpy=True)``, which the pipeline never asks for), the Pillow
-#: resize-order probe (once per process, on host arrays) and the opt-in runtime audit itself. (The
-#: in-house legacy path lives in tools/benchmarks/legacy.py, outside the core's call graph.)
+#: resize-order probe (once per process, on host arrays), the warm-up (once per stream, before the
+#: first frame: its reduced-precision check compares results on the host, declared at run time) and
+#: the opt-in runtime audit itself. (The in-house legacy path lives in tools/benchmarks/legacy.py,
+#: outside the core's call graph.)
 DEFAULT_NOT_HOT = (
     "UltramotionIGTLib/core/sam/segmenter.py:SamOutput.to_numpy",
     "UltramotionIGTLib/core/sam/resize.py:_pillow_uses_order_rule",
+    "UltramotionIGTLib/core/pipeline.py:Pipeline.warmup",
     "UltramotionIGTLib/tools/audit/runtime.py:*",
 )
 SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "build", "dist", "node_modules", "site-packages", ".tox"}
