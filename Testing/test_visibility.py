@@ -255,30 +255,35 @@ def test_states_follow_tracker_slots_and_rows_without_slot():
     assert STATE_NAMES[VISIBLE] == "VISIBLE"
 
 
-def test_visibility_stage_has_no_host_sync():
+def test_visibility_stage_has_no_host_sync(host_hops):
     monitor = VisibilityMonitor(4, "cpu")
     img, mask = _scene()
     probs = torch.zeros(4, 96, 96)
     probs[0] = mask.float()
     valid = torch.tensor([True, False, False, False])
-    with RuntimeTransferAudit("cpu") as audit:
+    boxes = torch.tensor([[26.0, 34.0, 54.0, 62.0]] * 4)
+    scores = torch.full((4,), 0.9)
+    det_slot = torch.tensor([0, 4, 4, 4])
+    born = [torch.tensor([i == 0, False, False, False]) for i in range(3)]
+    # the pipeline's tensors are on the device already; the pose arrives on the host (declared upload)
+    with host_hops(img, probs, valid, boxes, scores, det_slot, *born) as hops:
         for i in range(3):
-            with audit.frame(i):
-                weights = compute_mask_weights(probs, torch.full((4,), 0.9), valid, (0.5, 0.5), 0.8, 1.6, 2)
-                monitor.update(
-                    img,
-                    weights.masks_grid,
-                    weights.regions,
-                    2,
-                    torch.tensor([[26.0, 34.0, 54.0, 62.0]] * 4),
-                    torch.full((4,), 0.9),
-                    valid,
-                    det_slot=torch.tensor([0, 4, 4, 4]),
-                    born=torch.tensor([i == 0, False, False, False]),
-                    spacing=(0.5, 0.5),
-                    pose=np.eye(4),
-                )
-    assert audit.result.totals["undeclared"] == 0, audit.result.by_origin()
+            weights = compute_mask_weights(probs, scores, valid, (0.5, 0.5), 0.8, 1.6, 2)
+            monitor.update(
+                img,
+                weights.masks_grid,
+                weights.regions,
+                2,
+                boxes,
+                scores,
+                valid,
+                det_slot=det_slot,
+                born=born[i],
+                spacing=(0.5, 0.5),
+                pose=np.eye(4),
+            )
+    assert hops.undeclared == {}, hops
+    assert hops.declared["visibility: the frame's probe pose and its inverse"] == 6  # 2 per frame
 
 
 # -- the evaluation's metrics on hand-made logs ---------------------------------------------------------
