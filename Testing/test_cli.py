@@ -55,6 +55,7 @@ def test_the_tree_has_the_commands_of_the_reference():
         "run",
         "demo",
         "evaluate",
+        "evaluate-visibility",
         "train detector",
         "train sam",
         "models list",
