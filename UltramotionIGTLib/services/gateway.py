@@ -927,7 +927,12 @@ def _host_port(text: str, default_port: int) -> tuple[str, int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` options to ``parser``."""
-    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments, positive_int
+    from UltramotionIGTLib.tools.options import (
+        add_model_arguments,
+        add_pipeline_arguments,
+        add_sync_audit_argument,
+        positive_int,
+    )
 
     parser.description = (
         "OpenIGTLink gateway: receive IMAGE (+ TRANSFORM) from a PLUS server (or replay a recording with the "
@@ -1001,11 +1006,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-frames", type=positive_int, default=None, help="stop after this many processed frames"
     )
     ctl.add_argument("--quiet", action="store_true", help="no status line every second")
-    ctl.add_argument(
-        "--sync-audit",
-        action="store_true",
-        help="count host syncs per frame (runtime audit) into the KPI records (off by default)",
-    )
+    add_sync_audit_argument(ctl, "the KPI records")
     add_model_arguments(parser)
     add_pipeline_arguments(parser)
 

@@ -218,11 +218,11 @@ class RemoteSession:
     # -- Session protocol ----------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.state == SessionState.RUNNING
+        return self.state.running
 
     @property
     def done(self) -> bool:
-        return self.state not in (SessionState.IDLE, SessionState.RUNNING)
+        return self.state.done
 
     @property
     def frames_in_flight(self) -> int:

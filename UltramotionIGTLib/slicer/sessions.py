@@ -89,6 +89,15 @@ class SessionState(str, enum.Enum):
     FINISHED = "finished"
     ERROR = "error"
 
+    @property
+    def running(self) -> bool:
+        return self is SessionState.RUNNING
+
+    @property
+    def done(self) -> bool:
+        """Stopped, failed or finished: a session in this state cannot be restarted."""
+        return self not in (SessionState.IDLE, SessionState.RUNNING)
+
 
 class Session(Protocol):
     """What `LiveSession`, `ReplaySession` and the remote gateway session share, and the controller drives.
@@ -436,12 +445,12 @@ class LiveSession:
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.state == SessionState.RUNNING
+        return self.state.running
 
     @property
     def done(self) -> bool:
         """True once the session stopped, failed or finished (it cannot be restarted)."""
-        return self.state not in (SessionState.IDLE, SessionState.RUNNING)
+        return self.state.done
 
     @property
     def has_pending(self) -> bool:
@@ -884,7 +893,7 @@ class ReplaySession:
 
     @property
     def running(self) -> bool:
-        return self.state == SessionState.RUNNING
+        return self.state.running
 
     def start(self) -> None:
         """`Session` protocol: mark the replay running; `step` processes the items one by one."""
@@ -894,7 +903,7 @@ class ReplaySession:
 
     @property
     def done(self) -> bool:
-        return self.state in (SessionState.FINISHED, SessionState.STOPPED, SessionState.ERROR)
+        return self.state.done
 
     @property
     def frames_in_flight(self) -> int:

@@ -82,7 +82,12 @@ def sequence_dice(
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from UltramotionIGTLib.tools.options import add_model_arguments, add_pipeline_arguments, positive_int
+    from UltramotionIGTLib.tools.options import (
+        add_model_arguments,
+        add_pipeline_arguments,
+        add_sync_audit_argument,
+        positive_int,
+    )
 
     parser.description = (
         "Run a held-out synthetic phantom sequence (seeds never seen in training) through detector -> "
@@ -110,11 +115,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=None, help="phantom sequence seed (default: the first held-out seed)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--sync-audit",
-        action="store_true",
-        help="count host syncs per frame (runtime audit, no profiler) into kpi.jsonl and summary.json",
-    )
+    add_sync_audit_argument(parser, "kpi.jsonl and summary.json")
     add_model_arguments(parser)
     add_pipeline_arguments(parser)
 

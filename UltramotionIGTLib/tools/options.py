@@ -236,6 +236,17 @@ def _random_source() -> ModelSource:
 # Pipeline
 
 
+def add_sync_audit_argument(parser: Any, into: str = "the KPI records") -> None:
+    """``--sync-audit``: the frame loop's runtime transfer audit (`RuntimeTransferAudit`, no profiler),
+    off by default because it wraps torch calls; each frame's counts go ``into`` (named in the help)."""
+    parser.add_argument(
+        "--sync-audit",
+        action="store_true",
+        help=f"count host syncs per frame (runtime audit, no profiler) into {into} (off by default: the "
+        "counting wraps torch calls)",
+    )
+
+
 def add_pipeline_arguments(parser: Any) -> None:
     """The `PipelineConfig` options of run, demo and audit --runtime, in a "pipeline" argument group."""
     group = parser.add_argument_group("pipeline")

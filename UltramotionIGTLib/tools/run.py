@@ -21,6 +21,7 @@ from UltramotionIGTLib.errors import UltramotionError
 from UltramotionIGTLib.tools.options import (
     add_model_arguments,
     add_pipeline_arguments,
+    add_sync_audit_argument,
     pipeline_config_from_args,
     positive_int,
     resolve_model_source,
@@ -285,12 +286,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gif", action="store_true", help="also write overlay.gif")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--sync-audit",
-        action="store_true",
-        help="count host syncs per frame (runtime audit, no profiler): host_syncs in kpi.jsonl, "
-        "host_syncs_per_frame in summary.json (off by default: the counting wraps torch calls)",
-    )
+    add_sync_audit_argument(parser, "kpi.jsonl (host_syncs) and summary.json (host_syncs_per_frame)")
     add_model_arguments(parser, required=True)
     add_pipeline_arguments(parser)
 
