@@ -418,3 +418,32 @@ class KpiAggregator:
             "host_syncs_per_frame": self.host_syncs_per_frame(),
             "declared_hops_per_frame": self.declared_hops_per_frame(),
         }
+
+
+#: Acquisition timestamps within this many seconds of the arrival time are taken to be on the same
+#: (Unix) clock; others are on the sender's own clock (PLUS) and are offset-corrected.
+SAME_CLOCK_TOLERANCE_S = 5.0
+
+
+class SenderClock:
+    """Start of a frame's end-to-end latency interval: the sender's acquisition timestamp, aligned to
+    the local clock (used by the Slicer live session and the gateway, one rule).
+
+    A timestamp within `SAME_CLOCK_TOLERANCE_S` of the arrival time is on the same (Unix) clock;
+    otherwise the sender has its own clock and the smallest arrival - timestamp offset seen so far
+    aligns it (the least-delayed frame's offset: network and queue delays only add).
+    """
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+
+    def reference(self, timestamp: float | None, arrival: float) -> tuple[float, str]:
+        """(start time in local Unix seconds, its name) for a frame acquired at ``timestamp``
+        (sender's seconds; None, non-finite or <= 0: unknown) that arrived at ``arrival``."""
+        if timestamp is None or not math.isfinite(timestamp) or timestamp <= 0:
+            return arrival, "arrival"
+        offset = arrival - timestamp
+        if abs(offset) <= SAME_CLOCK_TOLERANCE_S:
+            return timestamp, "acquisition"
+        self._offset = offset if self._offset is None else min(self._offset, offset)
+        return timestamp + self._offset, "acquisition (sender clock, aligned)"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -54,12 +53,16 @@ from typing import Any
 import numpy as np
 
 from UltramotionIGTLib.core.intensity import NonFiniteFrameError
-from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, format_kpi
+from UltramotionIGTLib.core.kpi import (
+    FrameRecord,
+    KpiAggregator,
+    SenderClock,
+    format_kpi,
+)
 from UltramotionIGTLib.core.mailbox import LatestFrameMailbox
 from UltramotionIGTLib.errors import InputFileError, UltramotionError
 from UltramotionIGTLib.services import protocol
 from UltramotionIGTLib.services.igtl import BadMessage, IgtlClient, IgtlServer, crc_is_native, pyigtl_module
-from UltramotionIGTLib.slicer.sessions import SAME_CLOCK_TOLERANCE_S
 
 LOG = logging.getLogger("UltramotionIGTLib.services.gateway")
 
@@ -191,27 +194,6 @@ class RateMeter:
                 return 0.0
             span = self._times[-1] - self._times[0]
         return (n - 1) / span if n > 1 and span > 0 else None
-
-
-class SenderClock:
-    """Start of the latency interval for a frame: the sender's timestamp, aligned to the local clock.
-
-    Same rule as `UltramotionIGTLib.slicer.sessions.LiveSession`: a timestamp within
-    `SAME_CLOCK_TOLERANCE_S` of the arrival time is on the same (Unix) clock; otherwise the sender
-    has its own clock and the smallest arrival - timestamp offset seen so far aligns it.
-    """
-
-    def __init__(self) -> None:
-        self._offset: float | None = None
-
-    def reference(self, timestamp: float, arrival: float) -> tuple[float, str]:
-        if not math.isfinite(timestamp) or timestamp <= 0:
-            return arrival, "arrival"
-        offset = arrival - timestamp
-        if abs(offset) <= SAME_CLOCK_TOLERANCE_S:
-            return timestamp, "acquisition"
-        self._offset = offset if self._offset is None else min(self._offset, offset)
-        return timestamp + self._offset, "acquisition (sender clock, aligned)"
 
 
 @dataclass

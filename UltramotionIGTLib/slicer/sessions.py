@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, KpiSink, safe_log_kpi
+from UltramotionIGTLib.core.kpi import FrameRecord, KpiAggregator, KpiSink, SenderClock, safe_log_kpi
 from UltramotionIGTLib.core.mailbox import LatestFrameMailbox
 from UltramotionIGTLib.slicer import mrml
 from UltramotionIGTLib.slicer.pose import OutputPose, transform_to_world
@@ -68,10 +68,6 @@ ProcessFrame = Callable[[Any, int, "float | None"], "HostResult"]
 #: ``render_pause() -> context manager`` wrapped around each result's MRML write (the module passes
 #: ``slicer.util.RenderBlocker``: views render once per frame, not once per changed node).
 RenderPause = Callable[[], AbstractContextManager[Any]]
-
-#: Acquisition timestamps within this many seconds of the arrival time are taken to be on the same
-#: (Unix) clock; others are on the sender's own clock (PLUS) and are offset-corrected.
-SAME_CLOCK_TOLERANCE_S = 5.0
 
 #: How long stopping a threaded session waits for the frame in flight to finish (seconds).
 WORKER_JOIN_TIMEOUT_S = 60.0
@@ -440,7 +436,7 @@ class LiveSession:
         self._pool = FramePool()
         self._worker: FrameWorker | None = None
         self._observers = _ObserverSet()
-        self._clock_offset: float | None = None
+        self._clock = SenderClock()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
@@ -764,14 +760,8 @@ class LiveSession:
         return True
 
     def _latency_reference(self, pending: _Pending) -> tuple[float, str]:
-        """Start of the latency interval (Unix seconds) and its name."""
-        if pending.acquisition is None:
-            return pending.arrival, "arrival"
-        offset = pending.arrival - pending.acquisition
-        if abs(offset) <= SAME_CLOCK_TOLERANCE_S:
-            return pending.acquisition, "acquisition"
-        self._clock_offset = offset if self._clock_offset is None else min(self._clock_offset, offset)
-        return pending.acquisition + self._clock_offset, "acquisition (sender clock, aligned)"
+        """Start of the latency interval (Unix seconds) and its name (`SenderClock`)."""
+        return self._clock.reference(pending.acquisition, pending.arrival)
 
     # -- reporting ------------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
