@@ -564,6 +564,7 @@ class VisibilityMonitor:
         ``regions`` 3xKxhxw float (W_edge, W_in, W_out), ``slot`` K int64 rows' slots (M = none),
         ``born_ext`` M+1 bool. No host sync.
         """
+        slot = slot.to(torch.int64)  # each target's tracker slot (M = none): an index, never a mask
         cfg = self.config
         mem = self._memory
         dev = image.device
