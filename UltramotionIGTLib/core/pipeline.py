@@ -1,8 +1,8 @@
 """The orchestrator: frame -> D-FINE -> prompt selection -> tracker -> SAM -> mask weights -> ResultPacket.
 
 GPU-resident path (default): one host-to-device copy of the frame (`prepare_inference_inputs`),
-everything after it stays on the device with fixed shapes (K = classes x max_targets_per_class
-prompts, invalid ones masked, never filtered on the host), and `ResultPacket.to_host()` is the one
+everything after it stays on the device with fixed shapes (K = ``max_prompts`` SAM prompts over all
+classes, whatever the detector's class count; invalid ones masked, never filtered on the host), and `ResultPacket.to_host()` is the one
 device-to-host hop. Stage times come from `StageTimer` (CUDA events read back after that hop).
 
 Legacy path (``gpu_resident=False`` and/or ``sam_as_numpy=True``): the in-house pipeline's habits,
@@ -27,7 +27,7 @@ from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.kpi import KpiSink, LatencyStats, StageTimer, format_kpi, safe_log_kpi
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
-from UltramotionIGTLib.errors import UnsupportedImageTypeError
+from UltramotionIGTLib.errors import SettingsError, UnsupportedImageTypeError
 from UltramotionIGTLib.tools.metrics import box_iou_np
 
 LOG = logging.getLogger("UltramotionIGTLib.core.pipeline")
@@ -37,11 +37,17 @@ STAGES = ("prepare", "detector", "select", "track", "sam_encoder", "sam_decoder"
 
 @dataclass
 class PipelineConfig:
-    """Orchestrator settings. ``device``: auto | cpu | cuda[:N]."""
+    """Orchestrator settings. ``device``: auto | cpu | cuda[:N].
+
+    ``max_prompts``: SAM prompts per frame over all classes (the fixed budget that sets the cost of
+    SAM, the weights and the tracker; at most the detector's query count). ``max_targets_per_class``:
+    optional cap per class within that budget (``None``: none).
+    """
 
     device: str = "auto"
     score_threshold: float = 0.3
-    max_targets_per_class: int = 4
+    max_targets_per_class: int | None = 4
+    max_prompts: int = 8
     nms_iou: float = 0.6
     gpu_resident: bool = True
     sam_as_numpy: bool = False
@@ -50,8 +56,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.score_threshold) <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if int(self.max_targets_per_class) < 1:
-            raise ValueError(f"max_targets_per_class must be >= 1, got {self.max_targets_per_class}")
+        if self.max_targets_per_class is not None and int(self.max_targets_per_class) < 1:
+            raise ValueError(f"max_targets_per_class must be >= 1 or None, got {self.max_targets_per_class}")
+        if int(self.max_prompts) < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
     @property
     def legacy(self) -> bool:
@@ -124,44 +132,48 @@ def select_prompts(
     boxes: torch.Tensor,
     scores: torch.Tensor,
     labels: torch.Tensor,
-    num_classes: int,
-    max_per_class: int,
+    max_prompts: int,
     score_threshold: float,
     nms_iou: float = 0.6,
+    max_per_class: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Choose SAM prompts on the device with fixed shapes: per class the top ``max_per_class``.
+    """Choose SAM prompts on the device with one fixed budget: the top ``max_prompts`` over all classes.
 
-    Inputs: Qx4 boxes, Q scores, Q int64 labels (any order). Returns boxes Kx4, scores K, labels K,
-    valid K (bool) with K = num_classes x max_per_class. A prompt is valid when its score exceeds the
-    threshold and no higher-scoring valid prompt of its class overlaps it by more than ``nms_iou``
-    (parallel "fast NMS": no sequential loop, no sync).
+    Inputs: Qx4 boxes (XYXY pixels), Q scores, Q int64 labels (any order), all on one device.
+    Returns boxes Kx4, scores K, labels K, valid K (bool) with K = ``max_prompts``, sorted by
+    score (valid first); invalid slots have score 0 (padding when Q < K). A detection is a valid
+    prompt when (1) its score exceeds ``score_threshold``, (2) no higher-scoring detection of its
+    class above the threshold overlaps it by more than ``nms_iou`` (parallel "fast NMS", YOLACT,
+    Bolya et al. 2019: no sequential loop), (3) fewer than ``max_per_class`` higher-scoring
+    detections of its class passed (1)-(2) (``None``: no per-class cap), and (4) it is among the
+    ``max_prompts`` best of those. The work is O(Q^2) whatever the number of classes, the shapes
+    are fixed by Q and K, and nothing is read back to the host.
     """
     q = scores.shape[0]
-    k = min(max_per_class, q)
-    classes = torch.arange(num_classes, device=scores.device)
-    per_class = torch.where(
-        labels[None, :] == classes[:, None], scores[None, :], torch.full_like(scores, -1.0)
-    )
-    top_scores, top_idx = per_class.topk(k, dim=1)  # C x k, sorted descending
-    sel_boxes = boxes[top_idx]  # C x k x 4
-    valid = top_scores > score_threshold
-    iou = box_iou(sel_boxes, sel_boxes)  # C x k x k
-    earlier = torch.ones(k, k, device=scores.device, dtype=torch.bool).triu(diagonal=1)  # [i, j]: i < j
-    suppressed = ((iou > nms_iou) & earlier[None] & valid[:, :, None]).any(dim=1)
-    valid = valid & ~suppressed
-    sel_labels = classes[:, None].expand(num_classes, k)
-    if k < max_per_class:  # fewer queries than prompt slots: pad with invalid prompts
-        pad = max_per_class - k
-        sel_boxes = torch.cat([sel_boxes, sel_boxes.new_zeros(num_classes, pad, 4)], dim=1)
-        top_scores = torch.cat([top_scores, top_scores.new_zeros(num_classes, pad)], dim=1)
-        valid = torch.cat([valid, valid.new_zeros(num_classes, pad)], dim=1)
-        sel_labels = classes[:, None].expand(num_classes, max_per_class)
-    return (
-        sel_boxes.reshape(-1, 4),
-        top_scores.clamp(min=0).reshape(-1),
-        sel_labels.reshape(-1).to(torch.int64),
-        valid.reshape(-1),
-    )
+    k = int(max_prompts)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    passed = scores > score_threshold
+    same_class = labels[:, None] == labels[None, :]
+    earlier = torch.ones(q, q, device=scores.device, dtype=torch.bool).triu(diagonal=1)  # [j, i]: j < i
+    above = same_class & earlier & passed[:, None]  # [j, i]: j is a higher-scoring candidate of i's class
+    passed = passed & ~((box_iou(boxes, boxes) > nms_iou) & above).any(dim=0)
+    if max_per_class is not None:
+        rank_in_class = (above & passed[:, None]).sum(dim=0)  # surviving prompts of i's class above i
+        passed = passed & (rank_in_class < int(max_per_class))
+    # sorted by score already: the first K survivors, in that order, are the budget's prompts
+    rank = torch.arange(q, 0, -1, device=scores.device)
+    key = torch.where(passed, rank + q, rank)  # invalid slots (padding) in a deterministic order too
+    slot = key.topk(min(k, q)).indices
+    sel_boxes, sel_labels, valid = boxes[slot], labels[slot], passed[slot]
+    sel_scores = torch.where(valid, scores[slot], 0.0)
+    if k > q:  # fewer detections than prompt slots: pad with invalid prompts
+        pad = k - q
+        sel_boxes = torch.cat([sel_boxes, sel_boxes.new_zeros(pad, 4)])
+        sel_scores = torch.cat([sel_scores, sel_scores.new_zeros(pad)])
+        sel_labels = torch.cat([sel_labels, sel_labels.new_zeros(pad)])
+        valid = torch.cat([valid, valid.new_zeros(pad)])
+    return sel_boxes, sel_scores.float(), sel_labels.to(torch.int64), valid
 
 
 class Pipeline:
@@ -186,6 +198,12 @@ class Pipeline:
         self.segmenter = segmenter
         self.kpi_sink = kpi_sink
         self.class_names: tuple[str, ...] = tuple(detector.class_names)
+        queries = getattr(detector, "num_queries", None)
+        if queries is not None and int(self.config.max_prompts) > int(queries):
+            raise SettingsError(
+                f"max_prompts {self.config.max_prompts} is more than the detector's {queries} queries "
+                f"(it never returns more detections): use at most {queries}"
+            )
         if tracker is None and self.config.track:
             from UltramotionIGTLib.core.tracking import Tracker
 
@@ -252,10 +270,10 @@ class Pipeline:
                     detections.boxes,
                     detections.scores,
                     detections.labels,
-                    len(self.class_names),
-                    cfg.max_targets_per_class,
+                    cfg.max_prompts,
                     cfg.score_threshold,
                     cfg.nms_iou,
+                    cfg.max_targets_per_class,
                 )
             with timer.stage("sam_encoder"):
                 self.segmenter.set_torch_image(image)
@@ -299,7 +317,8 @@ class Pipeline:
     def _legacy_select_and_segment(self, image: torch.Tensor, detections: Any, timer: StageTimer):
         """The old habits: threshold on the host, one SAM call per box returning numpy."""
         cfg = self.config
-        k = len(self.class_names) * cfg.max_targets_per_class
+        k = cfg.max_prompts
+        cap = cfg.max_targets_per_class
         with timer.stage("select"):
             det_boxes = detections.boxes.detach().cpu().numpy()
             det_scores = detections.scores.detach().cpu().numpy()
@@ -314,11 +333,12 @@ class Pipeline:
                 ]
                 kept: list[int] = []
                 for i in idx:
-                    if len(kept) >= cfg.max_targets_per_class:
+                    if cap is not None and len(kept) >= cap:
                         break
                     if all(det_iou[i, j] <= cfg.nms_iou for j in kept):
                         kept.append(i)
                 chosen.extend(kept)
+            chosen = sorted(chosen, key=lambda i: -det_scores[i])[:k]
         h, w = int(image.shape[0]), int(image.shape[1])
         boxes = np.zeros((k, 4), np.float32)
         scores = np.zeros(k, np.float32)

@@ -29,7 +29,18 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, models_required: boo
     )
     parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="detection score threshold (0.3)")
-    parser.add_argument("--max-targets", type=int, default=4, help="SAM prompts per class per frame (4)")
+    parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=8,
+        help="SAM prompts per frame over all classes, the fixed budget that sets the cost (8)",
+    )
+    parser.add_argument(
+        "--max-targets",
+        type=int,
+        default=4,
+        help="at most this many of those prompts per class; 0: no per-class cap (4)",
+    )
     parser.add_argument("--no-track", action="store_true", help="do not track targets across frames")
     parser.add_argument(
         "--legacy",
@@ -45,7 +56,8 @@ def pipeline_config_from_args(args: argparse.Namespace):
         return PipelineConfig(
             device=args.device,
             score_threshold=args.score_threshold,
-            max_targets_per_class=args.max_targets,
+            max_targets_per_class=args.max_targets or None,
+            max_prompts=args.max_prompts,
             gpu_resident=not args.legacy,
             sam_as_numpy=args.legacy,
             track=not args.no_track,
