@@ -339,28 +339,34 @@ def _load_failure(name: str, path: Path, exc: BaseException) -> CheckResult:
 
 
 def load_detector(detector_dir: Path, device: Any) -> tuple[Any, CheckResult]:
+    """Load the detector; the OK result names its family, size, classes, input channels and
+    parameter count (`models.packs.ModelSummary`, also in ``details``)."""
     try:
         from UltramotionIGTLib.core.detector import DFineDetector
+        from UltramotionIGTLib.models.packs import summarize_detector
 
         detector = DFineDetector.from_pretrained(detector_dir, device=device)
+        model = summarize_detector(detector, detector_dir)
     except Exception as exc:  # noqa: BLE001 - reported as a failed check
         return None, _load_failure("detector load", detector_dir, exc)
-    classes = tuple(getattr(detector, "class_names", ()))
-    summary = f"D-FINE loaded on {device}" + (f", classes {', '.join(classes)}" if classes else "")
-    return detector, CheckResult("detector load", CheckStatus.OK, summary, details={"classes": list(classes)})
+    return detector, CheckResult(
+        "detector load", CheckStatus.OK, f"{model.format()}; loaded on {device}", details=model.to_dict()
+    )
 
 
 def load_segmenter(sam_checkpoint: Path, sam_type: str, device: Any) -> tuple[Any, CheckResult]:
+    """Load SAM; the OK result names its type, input channels and size, and parameter count."""
     try:
         from UltramotionIGTLib.core.sam import SamSegmenter
+        from UltramotionIGTLib.models.packs import summarize_segmenter
 
         segmenter = SamSegmenter.from_checkpoint(sam_checkpoint, model_type=sam_type, device=device)
+        model = summarize_segmenter(segmenter, sam_checkpoint)
     except Exception as exc:  # noqa: BLE001 - reported as a failed check
         return None, _load_failure("SAM load", sam_checkpoint, exc)
-    config = getattr(segmenter, "config", None)
-    kind = getattr(config, "name", None) or getattr(segmenter, "model_type", None) or sam_type
+    details = {**model.to_dict(), "model_type": model.size}
     return segmenter, CheckResult(
-        "SAM load", CheckStatus.OK, f"SAM ({kind}) loaded on {device}", details={"model_type": kind}
+        "SAM load", CheckStatus.OK, f"{model.format()}; loaded on {device}", details=details
     )
 
 
