@@ -657,14 +657,21 @@ def summarize_detector(detector: Any, path: str | Path) -> ModelSummary:
 
 
 def summarize_segmenter(segmenter: Any, path: str | Path) -> ModelSummary:
-    """A `ModelSummary` of a loaded `SamSegmenter` (size: its SAM type, e.g. vit_b)."""
+    """A `ModelSummary` of a loaded `SamSegmenter` (size: its SAM type, e.g. vit_b; family from the
+    config's ``family`` where the registry has families, else SAM)."""
+    import torch
+
+    from UltramotionIGTLib.core.sam import config as sam_config
+
     config = segmenter.config
+    family = getattr(config, "family", "sam")
+    first_conv = next(m for m in segmenter.model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
     return ModelSummary(
         role="segmenter",
-        family="SAM",
+        family=getattr(sam_config, "FAMILY_NAMES", {}).get(family, "SAM"),
         size=str(getattr(config, "name", "custom")),
         classes=[],
-        input_channels=int(segmenter.model.image_encoder.patch_embed.proj.in_channels),
+        input_channels=int(first_conv.in_channels),
         input_size=(int(segmenter.image_size), int(segmenter.image_size)),
         parameters=_parameters(segmenter.model),
         path=Path(path),
