@@ -27,6 +27,7 @@ from UltramotionIGTLib.core.boxes import box_iou
 from UltramotionIGTLib.core.device import resolve_device
 from UltramotionIGTLib.core.kpi import KpiSink, LatencyStats, StageTimer, format_kpi, safe_log_kpi
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
+from UltramotionIGTLib.core.region import ImagingRegion
 from UltramotionIGTLib.errors import SettingsError, UnsupportedImageTypeError
 from UltramotionIGTLib.tools.metrics import box_iou_np
 
@@ -41,13 +42,16 @@ class PipelineConfig:
 
     ``max_prompts``: SAM prompts per frame over all classes (the fixed budget that sets the cost of
     SAM, the weights and the tracker; at most the detector's query count). ``max_targets_per_class``:
-    optional cap per class within that budget (``None``: none).
+    optional cap per class within that budget (``None``: none). ``imaging_region``: (x, y, width,
+    height) pixels of the frame that hold the ultrasound image (`region.ImagingRegion`; PLUS's clip
+    rectangle); the models see only that part, outputs stay in frame pixels. None: the whole frame.
     """
 
     device: str = "auto"
     score_threshold: float = 0.3
     max_targets_per_class: int | None = 4
     max_prompts: int = 8
+    imaging_region: tuple[int, int, int, int] | None = None
     nms_iou: float = 0.6
     gpu_resident: bool = True
     sam_as_numpy: bool = False
@@ -60,6 +64,8 @@ class PipelineConfig:
             raise ValueError(f"max_targets_per_class must be >= 1 or None, got {self.max_targets_per_class}")
         if int(self.max_prompts) < 1:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.imaging_region is not None:
+            self.imaging_region = ImagingRegion(*(int(v) for v in self.imaging_region)).as_tuple()
 
     @property
     def legacy(self) -> bool:
@@ -258,12 +264,24 @@ class Pipeline:
         with timer.stage("prepare"):
             image = prepare_inference_inputs(frame, self.device)
         h, w = int(image.shape[0]), int(image.shape[1])
+        # the models see the imaging region only (a view); outputs are put back into frame pixels
+        region = ImagingRegion(*cfg.imaging_region).clipped(h, w) if cfg.imaging_region else None
+        view = region.crop(image) if region is not None else image
         with timer.stage("detector"):
-            detections = self.detector.run_inference_torch(image, gpu_resident=cfg.gpu_resident)
+            detections = self.detector.run_inference_torch(view, gpu_resident=cfg.gpu_resident)
         if cfg.legacy:
             boxes, scores, labels, valid, masks, probs = self._legacy_select_and_segment(
-                image, detections, timer
+                view, detections, timer
             )
+            if region is not None:
+                boxes = region.offset_boxes(boxes)
+                masks = region.paste_masks(masks, h, w)
+                pads = (
+                    (0, 0),
+                    (region.y, h - region.y - region.height),
+                    (region.x, w - region.x - region.width),
+                )
+                probs = np.pad(probs, pads)
         else:
             with timer.stage("select"):
                 boxes, scores, labels, valid = select_prompts(
@@ -276,11 +294,15 @@ class Pipeline:
                     cfg.max_targets_per_class,
                 )
             with timer.stage("sam_encoder"):
-                self.segmenter.set_torch_image(image)
+                self.segmenter.set_torch_image(view)
             with timer.stage("sam_decoder"):
                 sam = self.segmenter.predict_boxes(boxes, as_numpy=False)
-            masks = sam.masks & valid[:, None, None]
-            probs = sam.mask_probs
+                masks = sam.masks & valid[:, None, None]
+                probs = sam.mask_probs
+                if region is not None:
+                    boxes = region.offset_boxes(boxes)
+                    masks = region.paste_masks(masks, h, w)
+                    probs = region.paste_masks(probs, h, w)
         with timer.stage("weights"):
             if cfg.legacy:
                 centroids, areas = self._legacy_weights(probs, scores, valid)

@@ -41,6 +41,14 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, models_required: boo
         default=4,
         help="at most this many of those prompts per class; 0: no per-class cap (4)",
     )
+    parser.add_argument(
+        "--imaging-region",
+        default=None,
+        metavar="auto|X,Y,W,H",
+        help="run the models on this part of the frame only (PLUS clip rectangle: origin X,Y and size W,H "
+        "in pixels), or auto: the bounding box of the non-black pixels of the recording (default: the "
+        "whole frame)",
+    )
     parser.add_argument("--no-track", action="store_true", help="do not track targets across frames")
     parser.add_argument(
         "--legacy",
@@ -58,12 +66,22 @@ def pipeline_config_from_args(args: argparse.Namespace):
             score_threshold=args.score_threshold,
             max_targets_per_class=args.max_targets or None,
             max_prompts=args.max_prompts,
+            imaging_region=_region_arg(getattr(args, "imaging_region", None)),
             gpu_resident=not args.legacy,
             sam_as_numpy=args.legacy,
             track=not args.no_track,
         )
     except ValueError as exc:
         raise InputFileError(str(exc)) from exc
+
+
+def _region_arg(text: str | None) -> tuple[int, int, int, int] | None:
+    """``--imaging-region`` X,Y,W,H -> a tuple; None for none or ``auto`` (decided from the frames)."""
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    from UltramotionIGTLib.core.region import ImagingRegion
+
+    return ImagingRegion.parse(text).as_tuple()
 
 
 def process_sequence(
@@ -186,6 +204,13 @@ def main(argv: Sequence[str]) -> int:
         if args.max_frames < 1:
             raise InputFileError(f"--max-frames must be >= 1, got {args.max_frames}")
         sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
+    if str(args.imaging_region or "").strip().lower() == "auto":
+        from UltramotionIGTLib.core.region import ImagingRegion
+
+        region = ImagingRegion.from_frames(sequence.frames)
+        config.imaging_region = region.as_tuple()
+        h, w = sequence.frame_shape
+        print(f"imaging region (auto, from the non-black pixels): {region.as_text()} of the {w}x{h} frame")
     pipeline = Pipeline.from_paths(args.detector, args.sam, args.sam_type, config)
     summary = process_sequence(
         pipeline,
