@@ -138,3 +138,66 @@ def test_run_with_auto_region_on_a_plus_recording(model_files, plus_dir, tmp_pat
     assert not labels[:, ~inside].any()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["host_syncs_per_frame"] == 0.0
+
+
+def test_colour_frames_stay_colour_for_a_three_channel_detector(model_files, plus_dir):
+    """A real colour PLUS frame: a 3-channel detector sees its colours (not their luminance), in the
+    region; prepare_inference_inputs keeps HxWx3 only when asked."""
+    from UltramotionIGTLib.core.pipeline import prepare_inference_inputs, select_prompts
+
+    colour = read_sequence(plus_dir / "ColorNrrdSample.igs.nrrd", color="rgb").frames[0]
+    assert colour.ndim == 3 and colour.shape[-1] == 3
+    assert np.abs(colour[..., 0].astype(int) - colour[..., 2]).max() > 0  # really colour
+    kept = prepare_inference_inputs(colour, "cpu", keep_colour=True)
+    assert kept.shape == colour.shape and np.array_equal(kept.numpy(), colour)
+    assert prepare_inference_inputs(colour, "cpu").shape == colour.shape[:2]
+
+    det, sam = model_files
+    detector = DFineDetector.from_pretrained(det, device="cpu")
+    assert detector.num_channels == 3
+    segmenter = SamSegmenter.from_checkpoint(sam, device="cpu")
+    h, w = colour.shape[:2]
+    region = (w // 8, h // 8, w // 2, h // 2)
+    config = PipelineConfig(device="cpu", score_threshold=0.0, imaging_region=region, track=False)
+    packet = Pipeline(detector, segmenter, config).process_frame(colour, 0)
+    x, y, rw, rh = region
+    crop = torch.from_numpy(colour[y : y + rh, x : x + rw])
+    d = detector.run_inference_torch(crop)
+    boxes, scores, labels, valid = select_prompts(d.boxes, d.scores, d.labels, 8, 0.0, 0.6, 4)
+    torch.testing.assert_close(packet.boxes, boxes + torch.tensor([x, y, x, y], dtype=torch.float32))
+    torch.testing.assert_close(packet.scores, scores)
+    grey = detector.run_inference_torch(prepare_inference_inputs(colour, "cpu")[y : y + rh, x : x + rw])
+    assert not torch.allclose(grey.scores, d.scores)  # the colours made a difference
+
+
+@pytest.mark.plus
+def test_run_on_a_colour_recording(model_files, plus_dir, tmp_path):
+    """``run`` reads colour as colour (the 3-channel detector gets it) and writes the usual outputs."""
+    det, sam = model_files
+    src = plus_dir / "ColorNrrdSample.igs.nrrd"
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [
+        "run",
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        "--score-threshold",
+        "0",
+        "--imaging-region",
+        "auto",
+    ]
+    args += ["--detector", str(det), "--sam", str(sam), "--device", "cpu", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "UltramotionIGTLib", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seq = read_sequence(src, color="rgb")
+    labels = read_segmentation_sequence(out / "segmentation.seq.nrrd").labelmaps
+    assert labels.shape == (1, *seq.frame_shape) and labels.any()
+    assert (out / "overlay.png").is_file()

@@ -72,12 +72,15 @@ class PipelineConfig:
         return (not self.gpu_resident) or self.sam_as_numpy
 
 
-def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Tensor:
+def prepare_inference_inputs(
+    frame: Any, device: torch.device | str, keep_colour: bool = False
+) -> torch.Tensor:
     """The frame's single host-to-device copy.
 
-    ``frame``: HxW (grayscale) or HxWx3 (RGB, converted to luminance on the device) as a numpy array
-    or torch tensor, uint8 or any real dtype. Returns an HxW uint8 tensor on ``device``. On CUDA the
-    host buffer is pinned and the copy is non-blocking; a tensor already on ``device`` is not copied.
+    ``frame``: HxW (grayscale) or HxWx3 (RGB) as a numpy array or torch tensor, uint8 or any real
+    dtype. Returns an HxW uint8 tensor on ``device``; an RGB frame is converted to luminance (ITU-R
+    BT.601) on the device, or kept as HxWx3 uint8 with ``keep_colour`` (for 3-channel models). On CUDA
+    the host buffer is pinned and the copy is non-blocking; a tensor already on ``device`` is not copied.
     """
     device = torch.device(device)
     if isinstance(frame, np.ndarray):
@@ -103,7 +106,7 @@ def prepare_inference_inputs(frame: Any, device: torch.device | str) -> torch.Te
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         else:
             tensor = tensor.to(device)
-    if tensor.ndim == 3:
+    if tensor.ndim == 3 and not keep_colour:
         rgb = tensor.to(torch.float32)
         tensor = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     if tensor.dtype != torch.uint8:
@@ -204,6 +207,8 @@ class Pipeline:
         self.segmenter = segmenter
         self.kpi_sink = kpi_sink
         self.class_names: tuple[str, ...] = tuple(detector.class_names)
+        #: colour frames stay colour for a 3-channel detector (SAM is RGB); grey models get luminance
+        self._colour = int(getattr(detector, "num_channels", 1)) == 3
         queries = getattr(detector, "num_queries", None)
         if queries is not None and int(self.config.max_prompts) > int(queries):
             raise SettingsError(
@@ -262,7 +267,7 @@ class Pipeline:
         timer = StageTimer(self.device)
         cfg = self.config
         with timer.stage("prepare"):
-            image = prepare_inference_inputs(frame, self.device)
+            image = prepare_inference_inputs(frame, self.device, keep_colour=self._colour)
         h, w = int(image.shape[0]), int(image.shape[1])
         # the models see the imaging region only (a view); outputs are put back into frame pixels
         region = ImagingRegion(*cfg.imaging_region).clipped(h, w) if cfg.imaging_region else None

@@ -199,7 +199,8 @@ def main(argv: Sequence[str]) -> int:
 
     config = pipeline_config_from_args(args)
     resolve_device(config.device)  # fail fast, before reading anything large
-    sequence = read_sequence(args.input)
+    # colour stays colour: the pipeline gives it to 3-channel models and luminance to grey ones
+    sequence = read_sequence(args.input, color="rgb")
     if args.max_frames is not None:
         if args.max_frames < 1:
             raise InputFileError(f"--max-frames must be >= 1, got {args.max_frames}")
