@@ -398,9 +398,13 @@ def describe_detector(pack_dir: str | Path, rel: str, name: str | None = None) -
     size: list[int] = []
     proc = folder / "preprocessor_config.json"
     if proc.is_file():
-        s = _read_json(proc).get("size") or {}
+        data = _read_json(proc)
+        s = data.get("size") or {}
+        pad = data.get("pad_size") or {}
         if isinstance(s, dict) and "height" in s and "width" in s:
             size = [int(s["height"]), int(s["width"])]
+        elif data.get("do_pad") and isinstance(pad, dict) and "height" in pad and "width" in pad:
+            size = [int(pad["height"]), int(pad["width"])]  # letterbox: the padded input
     if not size:
         image_size = config.get("image_size")
         if isinstance(image_size, int):
