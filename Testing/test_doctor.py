@@ -191,3 +191,15 @@ def test_doctor_prints_family_size_classes_channels_and_parameters(tmp_path, tes
     assert f"{parameters / 1e6:.2f} M parameters" in line
     line = next(line for line in out.splitlines() if "SAM load" in line)
     assert "SAM-vit_t_demo, 3-channel input 256x256" in line and " M parameters" in line, line
+
+
+@pytest.mark.plus
+def test_warm_up_on_the_users_frame_size(test_models, plus_dir, tmp_path):
+    det, sam = test_models
+    src = plus_dir / "SpinePhantomFreehand.igs.mha"
+    checks = by_name(run_checks(device="cpu", detector_dir=det, sam_checkpoint=sam, warmup_input=src))
+    assert checks["warm-up"].summary.startswith("820x616 frame on cpu"), checks["warm-up"].summary
+    bad = by_name(
+        run_checks(device="cpu", detector_dir=det, sam_checkpoint=sam, warmup_input=tmp_path / "x.mha")
+    )
+    assert bad["warm-up"].status is CheckStatus.FAIL and "x.mha" in bad["warm-up"].summary

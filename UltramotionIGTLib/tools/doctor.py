@@ -377,12 +377,24 @@ def warmup_frame(seed: int = 0):
     return PhantomStream(seed=seed, n_frames=1).frame(0).image
 
 
-def check_warmup(detector: Any, segmenter: Any, device: Any, frames: int = 2) -> CheckResult:
-    """Run ``frames`` synthetic frames through the real `Pipeline`; report first and steady times."""
+def check_warmup(
+    detector: Any, segmenter: Any, device: Any, frames: int = 2, input_path: str | Path | None = None
+) -> CheckResult:
+    """Run ``frames`` frames through the real `Pipeline`; report first and steady times. The frame is
+    the first of the recording ``input_path`` (the user's frame size; colour kept), else a synthetic one."""
     from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
 
     pipeline = Pipeline(detector, segmenter, PipelineConfig(device=str(device)))
-    frame = warmup_frame()
+    if input_path is not None:
+        from UltramotionIGTLib.errors import UltramotionError
+        from UltramotionIGTLib.io import read_sequence
+
+        try:
+            frame = read_sequence(input_path, color="rgb").frames[0]
+        except UltramotionError as exc:
+            return CheckResult("warm-up", CheckStatus.FAIL, str(exc), "give a recording the pipeline reads")
+    else:
+        frame = warmup_frame()
     times = []
     targets = 0
     for i in range(max(1, frames)):
@@ -413,6 +425,7 @@ def run_checks(
     sam_checkpoint: str | Path | None = None,
     sam_type: str | None = None,
     warmup: bool = True,
+    warmup_input: str | Path | None = None,
 ) -> list[CheckResult]:
     """Run every check in order; later checks are SKIPped (saying why) when what they need failed.
 
@@ -461,7 +474,11 @@ def run_checks(
     elif detector is None or segmenter is None:
         results.append(CheckResult("warm-up", CheckStatus.SKIP, "skipped: a model did not load"))
     else:
-        results.append(_timed("warm-up", lambda: check_warmup(detector, segmenter, resolved_device)))
+        results.append(
+            _timed(
+                "warm-up", lambda: check_warmup(detector, segmenter, resolved_device, input_path=warmup_input)
+            )
+        )
     return results
 
 
@@ -479,6 +496,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument("--no-warmup", action="store_true", help="skip the timed warm-up frame")
+    parser.add_argument(
+        "--input",
+        default=None,
+        help="time the warm-up on this recording's first frame (your frame size) instead of a phantom frame",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(list(argv))
     results = run_checks(
@@ -487,6 +509,7 @@ def main(argv: Sequence[str]) -> int:
         sam_checkpoint=args.sam,
         sam_type=args.sam_type,
         warmup=not args.no_warmup,
+        warmup_input=args.input,
     )
     if args.json:
         import json
