@@ -3,7 +3,8 @@
 GPU-resident path (default): one host-to-device copy of the frame (`prepare_inference_inputs`),
 everything after it stays on the device with fixed shapes (K = ``max_prompts`` SAM prompts over all
 classes, whatever the detector's class count; invalid ones masked, never filtered on the host), and
-`ResultPacket.to_host()` is the one device-to-host hop. Stage times come from `StageTimer` (CUDA events read back after that hop).
+`ResultPacket.to_host()` is the one device-to-host hop. Stage times come from `StageTimer` (CUDA
+events read back after that hop).
 
 Legacy path (``gpu_resident=False`` and/or ``sam_as_numpy=True``): the in-house pipeline's habits,
 kept for side-by-side measurement: frame and detections hop to the host, prompts are filtered in
