@@ -95,8 +95,10 @@ class ImagingRegion:
         return image[self.y : self.y + self.height, self.x : self.x + self.width]
 
     def offset_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Kx4 XYXY boxes in region pixels -> frame pixels."""
-        return boxes + boxes.new_tensor([self.x, self.y, self.x, self.y])
+        """Kx4 XYXY boxes in region pixels -> frame pixels (same device and dtype). The offsets go in as
+        Python scalars: no small tensor is uploaded per frame."""
+        x, y = self.x, self.y
+        return torch.stack((boxes[:, 0] + x, boxes[:, 1] + y, boxes[:, 2] + x, boxes[:, 3] + y), dim=1)
 
     def paste_masks(self, masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Kxhxw masks or probabilities of the region -> KxHxW of the frame, zero outside the region."""
