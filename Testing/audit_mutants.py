@@ -239,10 +239,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     _m(
         "declared-overrun",
-        "declared block (`ResultPacket.to_host`, max_syncs=2)",
-        "a third host read inside the budgeted block",
+        "declared block (`ResultPacket.to_host`, max_syncs=3 with the track table)",
+        "one host read more inside the budgeted block",
         PACKET,
-        "            masks_np = host_masks.numpy()",
+        "            tracks_np = host_tracks.numpy() if self.tracks is not None else None",
         "_ = self.scores.tolist()  " + MARK,
         after=True,
     ),
