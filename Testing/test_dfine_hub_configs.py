@@ -139,3 +139,44 @@ def test_preprocessing_of_a_hub_processor_config(tmp_path):
         0, 256, (2, 1, 480, 600), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     assert preprocess_frames(frames, settings).shape == (2, 3, 640, 640)
+
+
+@pytest.mark.plus
+def test_letterbox_processor_config_is_followed(tmp_path, plus_dir):
+    """A processor that keeps the aspect ratio (size max_height/max_width) and pads to pad_size: the
+    device input equals the processor's on a real 820x616 frame, and boxes come back in frame pixels
+    (transformers' own post-processing on the padded input, divided by the resize scale)."""
+    from transformers import DFineForObjectDetection, RTDetrImageProcessor
+
+    from UltramotionIGTLib.io import read_sequence
+
+    folder = tmp_path / "letterbox"
+    config = hub_config(HUB_CONFIGS["dfine-n-coco"], num_labels=2)
+    torch.manual_seed(0)
+    DFineForObjectDetection(config).eval().save_pretrained(str(folder))
+    processor = RTDetrImageProcessor(
+        size={"max_height": 640, "max_width": 640}, do_pad=True, pad_size={"height": 640, "width": 640}
+    )
+    processor.to_json_file(str(folder / PREPROCESSOR_NAME))
+    detector = DFineDetector.from_pretrained(folder, device="cpu", channels_last=False)
+    prep = detector.preprocessing
+    assert prep.fit_size == (640, 640) and prep.input_size == (640, 640)
+    frame = torch.from_numpy(read_sequence(plus_dir / "SpinePhantomFreehand.igs.mha").frames[5])  # 616x820
+    assert prep.resized_size(616, 820) == (480, 640)  # the aspect ratio kept, the long side fitted
+    theirs = processor(images=frame[None].expand(3, -1, -1), return_tensors="pt")["pixel_values"]
+    ours = detector.preprocess_torch(frame[None, None])
+    assert ours.shape == theirs.shape == (1, 3, 640, 640)
+    assert float((ours - theirs).abs().max()) <= 1.0 / 255.0 + 1e-6
+    assert float(ours[..., 480:, :].abs().max()) == 0.0  # the padding
+    # boxes in frame pixels
+    detections = detector.run_inference_torch(frame)  # the top num_queries, as the processor keeps
+    with torch.inference_mode():
+        outputs = detector.model(pixel_values=ours)
+    post = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(640, 640)])[0]
+    scale = torch.tensor([640 / 820, 480 / 616, 640 / 820, 480 / 616])
+    torch.testing.assert_close(detections.boxes, post["boxes"] / scale, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(detections.scores, post["scores"])
+    # written back as the processor wrote it
+    prep.write(tmp_path)
+    again = RTDetrImageProcessor.from_pretrained(str(tmp_path))
+    assert again.size == processor.size and again.do_pad and again.pad_size == processor.pad_size

@@ -162,3 +162,43 @@ def test_check_result_formatting():
     assert r.format() == "[WARN] x: found y\n       -> do z"
     assert not CheckResult("x", CheckStatus.FAIL, "bad").ok
     assert format_report([r]).endswith("READY with 1 warning(s) (x).")
+
+
+def test_doctor_prints_family_size_classes_channels_and_parameters(tmp_path, test_models, capsys):
+    """The hub's D-FINE-N config made grey (1 channel) with 3 named classes, and a SAM: what doctor
+    says about each model."""
+    from test_dfine_hub_configs import HUB_CONFIGS, hub_config
+    from transformers import DFineForObjectDetection
+
+    from UltramotionIGTLib.core.detector import save_detector_folder
+
+    _, sam = test_models
+    config = hub_config(HUB_CONFIGS["dfine-n-coco"], num_labels=3)
+    config.backbone_config.num_channels = 1  # a grey stem, as `models import-dfine` writes mono models
+    config.backbone_config.stem_channels = [1, *config.backbone_config.stem_channels[1:]]
+    config.id2label = {0: "vessel", 1: "needle", 2: "nerve"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(0)
+    model = DFineForObjectDetection(config).eval()
+    folder = save_detector_folder(model, tmp_path / "dfine_n_grey", 320)
+    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    code = cli.main(["doctor", "--device", "cpu", "--detector", str(folder), "--sam", str(sam)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if "detector load" in line)
+    assert "D-FINE-N, 3 classes (vessel, needle, nerve), 1-channel input 320x320" in line, line
+    assert f"{parameters / 1e6:.2f} M parameters" in line
+    line = next(line for line in out.splitlines() if "SAM load" in line)
+    assert "SAM-vit_t_demo, 3-channel input 256x256" in line and " M parameters" in line, line
+
+
+@pytest.mark.plus
+def test_warm_up_on_the_users_frame_size(test_models, plus_dir, tmp_path):
+    det, sam = test_models
+    src = plus_dir / "SpinePhantomFreehand.igs.mha"
+    checks = by_name(run_checks(device="cpu", detector_dir=det, sam_checkpoint=sam, warmup_input=src))
+    assert checks["warm-up"].summary.startswith("820x616 frame on cpu"), checks["warm-up"].summary
+    bad = by_name(
+        run_checks(device="cpu", detector_dir=det, sam_checkpoint=sam, warmup_input=tmp_path / "x.mha")
+    )
+    assert bad["warm-up"].status is CheckStatus.FAIL and "x.mha" in bad["warm-up"].summary

@@ -110,6 +110,7 @@ def test_detector_ap_and_sam_dice_machinery(random_models, small_set):
         "score_threshold": defaults.score_threshold,
         "max_per_class": defaults.max_targets_per_class,
         "nms_iou": defaults.nms_iou,
+        "max_prompts": defaults.max_prompts,
     }
     # raw AP recomputed independently: batched inference, every detection ranked
     out = detector.run_inference_batch(small_set.images).to_numpy()

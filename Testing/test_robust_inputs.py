@@ -213,10 +213,16 @@ def zip_pth_named_safetensors(c: Ctx) -> list[str]:
 
 
 def pack_zip_names_the_zip(c: Ctx) -> list[str]:
-    from UltramotionIGTLib.models.packs import make_pack
+    import shutil
 
-    pack = c.tmp / "pack.zip"
-    make_pack(pack, detector_dir=c.models[0], sam_checkpoint=_nan_sam(c), name="nan-pack")
+    from UltramotionIGTLib.models.packs import make_pack, write_manifest, zip_pack
+
+    # make_pack refuses models that do not load: the damaged file goes in afterwards, with a manifest
+    # whose hashes match it (a pack made by hand or by an older version), so only loading can tell
+    folder = make_pack(c.tmp / "pack", detector_dir=c.models[0], sam_checkpoint=c.models[1], name="nan-pack")
+    shutil.copyfile(_nan_sam(c), folder / "sam" / "sam_vit_t_demo.safetensors")
+    write_manifest(folder, "nan-pack")
+    pack = zip_pack(folder, c.tmp / "pack.zip")
     return ["run", "--input", str(c.recording()), "--out", str(c.out), "--pack", str(pack), "--device", "cpu",
             "--quiet"]  # fmt: skip
 

@@ -113,7 +113,7 @@ def test_detector_ap50_scores_a_detector_on_heldout_frames(tmp_path: Path) -> No
     detector = DFineDetector.from_pretrained(tmp_path / "d", device="cpu")
     data = heldout_set(3)
     at_defaults = detector_ap50(detector, data)
-    raw = detector_ap50(detector, data, score_threshold=0.0, max_per_class=None)
+    raw = detector_ap50(detector, data, score_threshold=0.0, max_prompts=None)
     assert set(at_defaults) == set(raw) == set(CLASS_NAMES)
     assert all(0.0 <= v <= 1.0 for v in [*at_defaults.values(), *raw.values()])
 

@@ -21,6 +21,10 @@ class UnsupportedImageTypeError(UltramotionError, ValueError):
     """The data is not an image we segment (e.g. RF ultrasound data, wrong pixel type)."""
 
 
+class SettingsError(UltramotionError, ValueError):
+    """A pipeline setting is out of range for the models loaded (e.g. more prompts than detector queries)."""
+
+
 class CheckpointError(UltramotionError, ValueError):
     """A model checkpoint is missing, corrupt, of the wrong format or does not match its config."""
 

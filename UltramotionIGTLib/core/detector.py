@@ -186,6 +186,16 @@ RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "B
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
+def _whole_size(size: dict, keys: tuple[str, str], path: Path) -> tuple[int, int]:
+    """(H, W) from a processor config's size dict; CheckpointError naming the file if not whole numbers."""
+    try:
+        return (int(size[keys[0]]), int(size[keys[1]]))
+    except (TypeError, ValueError):
+        raise CheckpointError(
+            f"detector preprocessing config {path}: size {size} is not two whole numbers"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a frame becomes the model input; mirrors `RTDetrImageProcessor` (D-FINE's processor).
@@ -196,6 +206,11 @@ class Preprocessing:
     .resize``, antialiased for bilinear/bicubic; integer frames resized as integers, see
     `preprocess_frames`). Then ``x * rescale_factor`` if do_rescale, then ``(x - mean) / std`` if
     do_normalize. The processor's defaults are bilinear, rescale 1/255 and no normalisation.
+    fit_size: None (the processor's ``size {"height", "width"}``: the frame is stretched to
+    ``input_size``), or (H, W) for a letterbox (``size {"max_height", "max_width"}`` with ``do_pad`` and
+    ``pad_size`` = ``input_size``): the frame keeps its aspect ratio inside ``fit_size``
+    (`resized_size`), and after rescale/normalisation the bottom and right are padded with zeros up to
+    ``input_size``, as the processor's ``pad`` does.
     """
 
     input_size: tuple[int, int] = HF_DEFAULT_INPUT_SIZE
@@ -205,6 +220,24 @@ class Preprocessing:
     image_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
     image_std: tuple[float, ...] = IMAGENET_DEFAULT_STD
     resample: int = 2
+    fit_size: tuple[int, int] | None = None
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) a ``height`` x ``width`` frame is resized to before any padding (host ints)."""
+        if self.fit_size is None:
+            return tuple(self.input_size)
+        from transformers.image_utils import get_image_size_for_max_height_width
+
+        return tuple(get_image_size_for_max_height_width((height, width), *self.fit_size))
+
+    def boxes_frame_size(self, height: int, width: int) -> tuple[int | float, int | float]:
+        """The (H, W) that the model's normalised boxes are scaled by to give pixels of a ``height`` x
+        ``width`` frame: the frame itself when stretched; the padded input in frame pixels for a
+        letterbox (``input_size`` / resize scale)."""
+        if self.fit_size is None:
+            return (height, width)
+        h, w = self.resized_size(height, width)
+        return (self.input_size[0] * height / h, self.input_size[1] * width / w)
 
     @classmethod
     def from_json_file(cls, path: Path, fallback_size: tuple[int, int] | None = None) -> Preprocessing:
@@ -216,13 +249,20 @@ class Preprocessing:
         if not isinstance(data, dict):
             raise CheckpointError(f"detector preprocessing config {path} is not a JSON object")
         size = data.get("size") or {}
-        if isinstance(size, dict) and "height" in size and "width" in size:
-            try:
-                input_size = (int(size["height"]), int(size["width"]))
-            except (TypeError, ValueError):
+        fit_size = None
+        if isinstance(size, dict) and "max_height" in size and "max_width" in size:
+            pad = data.get("pad_size") or {}
+            if not (data.get("do_pad") and isinstance(pad, dict) and "height" in pad and "width" in pad):
                 raise CheckpointError(
-                    f"detector preprocessing config {path}: size {size} is not two whole numbers"
-                ) from None
+                    f"detector preprocessing config {path} keeps the aspect ratio (size max_height/max_width) "
+                    "but does not pad to a fixed pad_size: D-FINE needs a fixed input; add do_pad and pad_size"
+                )
+            fit_size = _whole_size(size, ("max_height", "max_width"), path)
+            input_size = _whole_size(pad, ("height", "width"), path)
+            if input_size[0] < fit_size[0] or input_size[1] < fit_size[1]:
+                raise CheckpointError(f"detector preprocessing config {path}: pad_size is smaller than size")
+        elif isinstance(size, dict) and "height" in size and "width" in size:
+            input_size = _whole_size(size, ("height", "width"), path)
         elif fallback_size is not None:
             input_size = fallback_size
         else:
@@ -249,13 +289,18 @@ class Preprocessing:
             image_mean=_channel_values(data.get("image_mean", IMAGENET_DEFAULT_MEAN), path),
             image_std=_channel_values(data.get("image_std", IMAGENET_DEFAULT_STD), path),
             resample=resample,
+            fit_size=fit_size,
         )
 
     def write(self, folder: Path) -> Path:
         """Write ``preprocessor_config.json`` as transformers' `RTDetrImageProcessor` would."""
         path = Path(folder) / PREPROCESSOR_NAME
+        height, width = (int(v) for v in self.input_size)
+        letterbox = self.fit_size is not None
         kwargs = dict(
-            size={"height": int(self.input_size[0]), "width": int(self.input_size[1])},
+            size={"max_height": int(self.fit_size[0]), "max_width": int(self.fit_size[1])}
+            if letterbox
+            else {"height": height, "width": width},
             do_resize=True,
             resample=int(self.resample),
             do_rescale=self.do_rescale,
@@ -263,8 +308,10 @@ class Preprocessing:
             do_normalize=self.do_normalize,
             image_mean=list(self.image_mean),
             image_std=list(self.image_std),
-            do_pad=False,
+            do_pad=letterbox,
         )
+        if letterbox:
+            kwargs["pad_size"] = {"height": height, "width": width}
         try:
             from transformers import RTDetrImageProcessor
 
@@ -357,8 +404,9 @@ def preprocess_frames(
         x = r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
         if integer:
             x = x.round()
-    if tuple(x.shape[-2:]) != tuple(preprocessing.input_size):
-        x = _resize_like_processor(x, tuple(preprocessing.input_size), mode, integer)
+    resized = preprocessing.resized_size(int(x.shape[-2]), int(x.shape[-1]))
+    if tuple(x.shape[-2:]) != resized:
+        x = _resize_like_processor(x, resized, mode, integer)
     if preprocessing.do_rescale:
         x = x * preprocessing.rescale_factor
     if num_channels == 3 and x.shape[1] == 1:  # grey: the same plane in all three channels (resize once)
@@ -367,6 +415,10 @@ def preprocess_frames(
         if mean is None or inv_std is None:
             mean, inv_std = preprocessing.channel_constants(num_channels, x.device)
         x = (x - mean) * inv_std
+    if resized != tuple(preprocessing.input_size):  # letterbox: zeros below and right, after normalising
+        x = F.pad(
+            x, (0, preprocessing.input_size[1] - resized[1], 0, preprocessing.input_size[0] - resized[0])
+        )
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -857,7 +909,7 @@ class DFineDetector:
 
     def _run(self, batch: torch.Tensor, num_top: int | None) -> Detections:
         k = self.num_top(num_top)
-        image_size = (int(batch.shape[-2]), int(batch.shape[-1]))
+        image_size = self._preprocessing.boxes_frame_size(int(batch.shape[-2]), int(batch.shape[-1]))
         logits, pred_boxes = self.forward(self.preprocess_torch(batch))
         # outside inference_mode on purpose: the results are ordinary tensors callers may update in place
         return postprocess_detections(logits, pred_boxes, image_size, k)

@@ -2,9 +2,11 @@
 -> ResultPacket.
 
 One host-to-device copy of the frame (`prepare_inference_inputs`); everything after it stays on the
-device with fixed shapes (K = classes x max_targets_per_class prompts, invalid ones masked, never
-filtered on the host); `ResultPacket.to_host()` is the one device-to-host hop. Stage times come from
-`StageTimer` (CUDA events read back after that hop), in the order of `kpi.STAGES`.
+device with fixed shapes (K = ``max_prompts`` SAM prompts over all classes, whatever the detector's
+class count; invalid ones masked, never filtered on the host); `ResultPacket.to_host()` is the one
+device-to-host hop. With an imaging region (`PipelineConfig.imaging_region`) the models see a view of
+that part of the frame and boxes and masks are put back into frame pixels (`core.region`). Stage times
+come from `StageTimer` (CUDA events read back after that hop), in the order of `kpi.STAGES`.
 
 How the models run (`PipelineConfig` precision, attention, compile; `UltramotionIGTLib.core.acceleration`)
 is applied when the pipeline is built, on the pipeline's own copies of the models (the caller's are
@@ -44,6 +46,7 @@ from UltramotionIGTLib.core.intensity import (
 )
 from UltramotionIGTLib.core.kpi import FrameRecord, KpiSink, StageTimer, safe_log_kpi
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket
+from UltramotionIGTLib.core.region import ImagingRegion
 from UltramotionIGTLib.core.visibility import (
     VisibilityConfig,
     VisibilityMonitor,
@@ -51,7 +54,7 @@ from UltramotionIGTLib.core.visibility import (
     as_pose,
     mask_region_maps,
 )
-from UltramotionIGTLib.errors import UnsupportedImageTypeError
+from UltramotionIGTLib.errors import SettingsError, UnsupportedImageTypeError
 
 LOG = logging.getLogger(__name__)
 
@@ -61,10 +64,15 @@ class PipelineConfig:
     """Orchestrator settings.
 
     device: ``auto | cpu | cuda[:N]``. score_threshold: detections scoring above it become prompts
-    (0..1). max_targets_per_class: prompt slots per class (K = classes x this). nms_iou: a prompt
-    overlapping a higher-scoring one of its class by more IoU than this is dropped. track: assign
-    stable target ids (`Tracker`); without it every target has id -1. visibility: the per-target
-    VISIBLE / RELOCALIZING / LOST stage (`VisibilityConfig`; ``enabled=False`` skips it).
+    (0..1). max_prompts: SAM prompts per frame over all classes (K, the fixed budget that sets the cost
+    of SAM, the weights and the tracker whatever the detector's class count; at most the detector's
+    query count). max_targets_per_class: optional cap per class within that budget (None: none).
+    nms_iou: a prompt overlapping a higher-scoring one of its class by more IoU than this is dropped.
+    imaging_region: (x, y, width, height) pixels of the frame that hold the ultrasound image
+    (`core.region.ImagingRegion`; PLUS's clip rectangle); the models see only that part, outputs stay
+    in frame pixels; None: the whole frame. track: assign stable target ids (`Tracker`); without it
+    every target has id -1. visibility: the per-target VISIBLE / RELOCALIZING / LOST stage
+    (`VisibilityConfig`; ``enabled=False`` skips it).
 
     How the models run (see `UltramotionIGTLib.core.acceleration`): precision: ``auto | fp32 | fp16 |
     bf16`` for the detector and SAM (auto: fp16 on CUDA, fp32 on CPU; a model whose reduced-precision
@@ -76,7 +84,9 @@ class PipelineConfig:
 
     device: str = "auto"
     score_threshold: float = 0.3
-    max_targets_per_class: int = 4
+    max_targets_per_class: int | None = 4
+    max_prompts: int = 8
+    imaging_region: tuple[int, int, int, int] | None = None
     nms_iou: float = 0.6
     track: bool = True
     precision: str = "auto"
@@ -88,8 +98,12 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.score_threshold) <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if int(self.max_targets_per_class) < 1:
-            raise ValueError(f"max_targets_per_class must be >= 1, got {self.max_targets_per_class}")
+        if self.max_targets_per_class is not None and int(self.max_targets_per_class) < 1:
+            raise ValueError(f"max_targets_per_class must be >= 1 or None, got {self.max_targets_per_class}")
+        if int(self.max_prompts) < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.imaging_region is not None:
+            self.imaging_region = ImagingRegion(*(int(v) for v in self.imaging_region)).as_tuple()
         if not 0.0 <= float(self.nms_iou) <= 1.0:
             raise ValueError(f"nms_iou must be in [0, 1], got {self.nms_iou}")
         if str(self.precision).lower() not in acceleration.PRECISIONS:
@@ -148,15 +162,19 @@ def check_frame_shape(shape: Any) -> tuple[int, int]:
 
 
 def prepare_inference_inputs(
-    frame: Any, device: torch.device | str, intensity: IntensityMapper | None = None
+    frame: Any,
+    device: torch.device | str,
+    intensity: IntensityMapper | None = None,
+    keep_colour: bool = False,
 ) -> torch.Tensor:
     """The frame's single host-to-device copy, and the intensity mapping (`core.intensity`).
 
-    ``frame``: HxW (grayscale), HxWx1 or HxWx3 (RGB, converted to luminance on the device) as a
-    numpy array or torch tensor of any real dtype (integers, floats), each side at least
-    `MIN_FRAME_SIDE` pixels. ``intensity``: the stream's `IntensityMapper` (`Pipeline.intensity`);
-    None: this frame is a stream of its own (its window is fixed from it). Returns an HxW uint8
-    tensor on ``device``: uint8 frames unchanged, others through the stream's window. On CUDA the
+    ``frame``: HxW (grayscale), HxWx1 or HxWx3 (RGB) as a numpy array or torch tensor of any real
+    dtype (integers, floats), each side at least `MIN_FRAME_SIDE` pixels. ``intensity``: the stream's
+    `IntensityMapper` (`Pipeline.intensity`); None: this frame is a stream of its own (its window is
+    fixed from it). Returns an HxW uint8 tensor on ``device``: uint8 frames unchanged, others through
+    the stream's window; an RGB frame is converted to luminance (`luminance`, ITU-R BT.601) on the
+    device, or kept as HxWx3 uint8 with ``keep_colour`` (for 3-channel detectors). On CUDA the
     host buffer is pinned and the copy is non-blocking; a tensor already on ``device`` is not copied.
 
     Raises `UnsupportedImageTypeError` naming the shape or type for what is not an image (wrong
@@ -206,19 +224,28 @@ def prepare_inference_inputs(
         else:
             tensor = tensor.to(device)
     tensor = apply_window(tensor, window)
-    if tensor.ndim == 3:
-        rgb = tensor.to(torch.float32)
-        tensor = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    if tensor.ndim == 3 and not keep_colour:
+        return luminance(tensor)
     if tensor.dtype != torch.uint8:
         tensor = tensor.round().clamp_(0, 255).to(torch.uint8)
     return tensor
+
+
+def luminance(image: torch.Tensor) -> torch.Tensor:
+    """HxW uint8 grey of an HxWx3 RGB image (any real dtype, 0..255 values), ITU-R BT.601 luma
+    weights (PIL's ``convert("L")``), on the image's device; an HxW image is returned as uint8."""
+    x = image.to(torch.float32)
+    if x.ndim == 3:
+        x = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+    return x.round().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass(frozen=True)
 class StagedFrame:
     """A frame whose host-to-device copy was started by `Pipeline.submit`.
 
-    image: HxW uint8 on the pipeline's device (still being written while ``ready`` has not fired).
+    image: HxW uint8 (HxWx3 for a colour detector) on the pipeline's device (still being written while
+    ``ready`` has not fired).
     ready: the CUDA event recorded on the transfer stream after the copy (None on the CPU: the image
     is complete). `use` makes the calling stream wait for it.
     """
@@ -315,44 +342,70 @@ def select_prompts(
     boxes: torch.Tensor,
     scores: torch.Tensor,
     labels: torch.Tensor,
-    num_classes: int,
-    max_per_class: int,
+    max_prompts: int,
     score_threshold: float,
     nms_iou: float = 0.6,
+    max_per_class: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Choose SAM prompts on the device with fixed shapes: per class the top ``max_per_class``.
+    """Choose SAM prompts on the device with one fixed budget: the top ``max_prompts`` over all classes.
 
-    Inputs: Qx4 boxes, Q scores, Q int64 labels (any order). Returns boxes Kx4, scores K, labels K,
-    valid K (bool) with K = num_classes x max_per_class. A prompt is valid when its score exceeds the
-    threshold and no higher-scoring valid prompt of its class overlaps it by more than ``nms_iou``
-    (parallel "fast NMS": no sequential loop, no sync).
+    Inputs: Qx4 boxes (XYXY pixels), Q scores, Q int64 labels (any order), all on one device.
+    Returns boxes Kx4, scores K, labels K, valid K (bool) with K = ``max_prompts``, sorted by
+    score (valid first); invalid slots have score 0 (padding when Q < K). A detection is a valid
+    prompt when (1) its score exceeds ``score_threshold``, (2) no higher-scoring detection of its
+    class above the threshold overlaps it by more than ``nms_iou`` (parallel "fast NMS", YOLACT,
+    Bolya et al. 2019: no sequential loop), (3) fewer than ``max_per_class`` higher-scoring
+    detections of its class passed (1)-(2) (``None``: no per-class cap), and (4) it is among the
+    ``max_prompts`` best of those. The work is O(Q^2) whatever the number of classes, the shapes
+    are fixed by Q and K, and nothing is read back to the host.
     """
     q = scores.shape[0]
-    k = min(max_per_class, q)
-    classes = torch.arange(num_classes, device=scores.device)
-    per_class = torch.where(
-        labels[None, :] == classes[:, None], scores[None, :], torch.full_like(scores, -1.0)
-    )
-    top_scores, top_idx = per_class.topk(k, dim=1)  # C x k, sorted descending
-    sel_boxes = boxes[top_idx]  # C x k x 4
-    valid = top_scores > score_threshold
-    iou = box_iou(sel_boxes, sel_boxes)  # C x k x k
-    earlier = torch.ones(k, k, device=scores.device, dtype=torch.bool).triu(diagonal=1)  # [i, j]: i < j
-    suppressed = ((iou > nms_iou) & earlier[None] & valid[:, :, None]).any(dim=1)
-    valid = valid & ~suppressed
-    sel_labels = classes[:, None].expand(num_classes, k)
-    if k < max_per_class:  # fewer queries than prompt slots: pad with invalid prompts
-        pad = max_per_class - k
-        sel_boxes = torch.cat([sel_boxes, sel_boxes.new_zeros(num_classes, pad, 4)], dim=1)
-        top_scores = torch.cat([top_scores, top_scores.new_zeros(num_classes, pad)], dim=1)
-        valid = torch.cat([valid, valid.new_zeros(num_classes, pad)], dim=1)
-        sel_labels = classes[:, None].expand(num_classes, max_per_class)
-    return (
-        sel_boxes.reshape(-1, 4),
-        top_scores.clamp(min=0).reshape(-1),
-        sel_labels.reshape(-1).to(torch.int64),
-        valid.reshape(-1),
-    )
+    k = int(max_prompts)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    passed = scores > score_threshold
+    same_class = labels[:, None] == labels[None, :]
+    earlier = torch.ones(q, q, device=scores.device, dtype=torch.bool).triu(diagonal=1)  # [j, i]: j < i
+    above = same_class & earlier & passed[:, None]  # [j, i]: j is a higher-scoring candidate of i's class
+    passed = passed & ~((box_iou(boxes, boxes) > nms_iou) & above).any(dim=0)
+    if max_per_class is not None:
+        rank_in_class = (above & passed[:, None]).sum(dim=0)  # surviving prompts of i's class above i
+        passed = passed & (rank_in_class < int(max_per_class))
+    # sorted by score already: the first K survivors, in that order, are the budget's prompts
+    rank = torch.arange(q, 0, -1, device=scores.device)
+    key = torch.where(passed, rank + q, rank)  # invalid slots (padding) in a deterministic order too
+    slot = key.topk(min(k, q)).indices
+    sel_boxes, sel_labels, valid = boxes[slot], labels[slot], passed[slot]
+    sel_scores = torch.where(valid, scores[slot], 0.0)
+    if k > q:  # fewer detections than prompt slots: pad with invalid prompts
+        pad = k - q
+        sel_boxes = torch.cat([sel_boxes, sel_boxes.new_zeros(pad, 4)])
+        sel_scores = torch.cat([sel_scores, sel_scores.new_zeros(pad)])
+        sel_labels = torch.cat([sel_labels, sel_labels.new_zeros(pad)])
+        valid = torch.cat([valid, valid.new_zeros(pad)])
+    return sel_boxes, sel_scores.float(), sel_labels.to(torch.int64), valid
+
+
+def check_prompt_budget(
+    queries: int | None,
+    max_prompts: int,
+    max_per_class: int | None,
+    names: tuple[str, str] = ("max_prompts", "max_targets_per_class"),
+) -> None:
+    """THE check of a prompt budget against a detector: raises `SettingsError` when ``max_prompts`` or
+    ``max_per_class`` (None: no cap) exceeds ``queries``, the boxes the detector proposes per frame
+    (its query count; None: unknown, nothing checked). More slots could never be filled, and each
+    costs an HxW mask per frame. ``names``: how the message names the two settings (the CLI passes its
+    option names)."""
+    if queries is None:
+        return
+    queries = int(queries)
+    for name, value in zip(names, (max_prompts, max_per_class), strict=True):
+        if value is not None and int(value) > queries:
+            raise SettingsError(
+                f"{name} {int(value)} is more than the detector's {queries} queries (its query count: it "
+                f"never returns more detections): use at most {queries}"
+            )
 
 
 class Pipeline:
@@ -389,6 +442,8 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self.device = resolve_device(self.config.device)
         self.class_names: tuple[str, ...] = tuple(detector.class_names)
+        #: colour frames stay colour for a 3-channel detector (SAM is RGB); grey models get luminance
+        self._colour = int(getattr(detector, "num_channels", 1)) == 3
         if tracker is None and self.config.track:
             from UltramotionIGTLib.core.tracking import Tracker
 
@@ -473,7 +528,7 @@ class Pipeline:
             image = (
                 frame.use()
                 if isinstance(frame, StagedFrame)
-                else prepare_inference_inputs(frame, self.device, self.intensity)
+                else prepare_inference_inputs(frame, self.device, self.intensity, self._colour)
             )
             if self._reference is not None:
                 bar.set_postfix_str("precision check")
@@ -515,12 +570,11 @@ class Pipeline:
         cfg = self.config
         ref_detector, ref_segmenter = self._reference
         self._reference = None
-        num_classes = len(self.class_names)
 
         def prompts(detections: Any, threshold: float) -> tuple:
             return select_prompts(
                 detections.boxes, detections.scores, detections.labels,
-                num_classes, cfg.max_targets_per_class, threshold, cfg.nms_iou,
+                cfg.max_prompts, threshold, cfg.nms_iou, cfg.max_targets_per_class,
             )  # fmt: skip
 
         ref_det = ref_detector.run_inference_torch(image)
@@ -576,24 +630,23 @@ class Pipeline:
         orders the frame's processing after it. On the CPU the frame is just prepared.
         Raises `UnsupportedImageTypeError` like `prepare_inference_inputs`."""
         if self.device.type != "cuda":
-            return StagedFrame(prepare_inference_inputs(frame, self.device, self.intensity))
+            return StagedFrame(prepare_inference_inputs(frame, self.device, self.intensity, self._colour))
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._copy_stream):
-            image = prepare_inference_inputs(frame, self.device, self.intensity)
+            image = prepare_inference_inputs(frame, self.device, self.intensity, self._colour)
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
         return StagedFrame(image, ready)
 
     def _check_prompt_slots(self) -> None:
-        """`ValueError` when ``max_targets_per_class`` exceeds the boxes the detector proposes per frame
-        (its query count): more prompt slots could never be filled, and each one costs an HxW mask."""
-        queries = getattr(self.detector, "num_queries", None)
-        if queries is not None and self.config.max_targets_per_class > int(queries):
-            raise ValueError(
-                f"max_targets_per_class {self.config.max_targets_per_class} exceeds the {int(queries)} boxes "
-                f"the detector proposes per frame (its query count): use at most {int(queries)}"
-            )
+        """`SettingsError` when the prompt budget exceeds the boxes the detector proposes per frame
+        (`check_prompt_budget`)."""
+        check_prompt_budget(
+            getattr(self.detector, "num_queries", None),
+            self.config.max_prompts,
+            self.config.max_targets_per_class,
+        )
 
     @classmethod
     def from_paths(
@@ -697,13 +750,22 @@ class Pipeline:
             if isinstance(frame, StagedFrame):
                 image = frame.use()
             else:
-                image = prepare_inference_inputs(frame, self.device, self.intensity)
+                image = prepare_inference_inputs(frame, self.device, self.intensity, self._colour)
         self._frame_counter = frame_index + 1  # a frame that is not an image is not counted
         h, w = int(image.shape[0]), int(image.shape[1])
         stride = analysis_stride((h, w), vis_config.analysis_size)
+        # the models see the imaging region only (a view, no copy); outputs go back into frame pixels
+        imaging = self.config.imaging_region
+        region = ImagingRegion(*imaging).clipped(h, w) if imaging is not None else None
+        view = region.crop(image) if region is not None else image
         with timer.stage("detector"):
-            detections = self._detect(image)
-        boxes, scores, labels, valid, masks, probs = self._select_and_segment(image, detections, timer)
+            detections = self._detect(view)
+        boxes, scores, labels, valid, masks, probs = self._select_and_segment(view, detections, timer)
+        if region is not None:
+            with timer.stage("sam_decoder"):
+                boxes = region.offset_boxes(boxes)
+                masks = region.paste_masks(masks, h, w)
+                probs = region.paste_masks(torch.as_tensor(probs, device=masks.device), h, w)
         with timer.stage("weights"):
             weights = self._mask_weights(probs, scores, valid, spacing, stride)
         with timer.stage("track"):
@@ -715,7 +777,15 @@ class Pipeline:
         if vis_config.enabled:
             with timer.stage("visibility"):
                 states, visibility, tracks = self._visibility(
-                    image, probs, weights, boxes, scores, valid, spacing, pose, stride
+                    luminance(image) if image.ndim == 3 else image,
+                    probs,
+                    weights,
+                    boxes,
+                    scores,
+                    valid,
+                    spacing,
+                    pose,
+                    stride,
                 )
         return ResultPacket(
             frame_index=frame_index,
@@ -753,10 +823,10 @@ class Pipeline:
                 detections.boxes,
                 detections.scores,
                 detections.labels,
-                len(self.class_names),
-                cfg.max_targets_per_class,
+                cfg.max_prompts,
                 cfg.score_threshold,
                 cfg.nms_iou,
+                cfg.max_targets_per_class,
             )
         with timer.stage("sam_encoder"):
             self.segmenter.set_torch_image(image)

@@ -81,6 +81,26 @@ _HGNET_NAMES = {
     ((48, 96), (192, 512, 1024, 2048)): "B6",
 }
 
+
+def dfine_size_names(
+    stem_channels: Sequence[int], stage_out: Sequence[int], num_levels: int, encoder_hidden: int
+) -> tuple[str, str]:
+    """(HGNetv2 backbone B0..B6, D-FINE size N/S/M/L/X), each "custom" when no published config has it.
+
+    ``stem_channels``: the stem's (in, mid, out) channels; ``stage_out``: the 4 stages' output channels;
+    ``num_levels``: feature levels fed to the encoder; ``encoder_hidden``: the encoder width. The rule
+    is the original repository's configs (dfine_hgnetv2_{n,s,m,l,x}_*.yml): N and S share B0 (N with 2
+    levels and width 128), M is B2, L B4, X B5.
+    """
+    backbone = _HGNET_NAMES.get((tuple(int(c) for c in stem_channels[-2:]), tuple(int(c) for c in stage_out)))
+    backbone = backbone or "custom"
+    if backbone == "B0":
+        size = "N" if num_levels == 2 and encoder_hidden == 128 else "S" if num_levels == 3 else "custom"
+    else:
+        size = {"B2": "M", "B4": "L", "B5": "X"}.get(backbone, "custom")
+    return backbone, size
+
+
 _RESAVE_HINT = (
     "re-save it as a state dict where its code is importable: "
     "python -c \"import torch; m = torch.load('{path}', weights_only=False); "
@@ -276,17 +296,14 @@ class OriginalArchitecture:
 
     @property
     def backbone_name(self) -> str:
-        key = (tuple(self.stem_channels[1:]), tuple(self.stage_out))
-        return _HGNET_NAMES.get(key, "custom")  # type: ignore[arg-type]
+        return dfine_size_names(self.stem_channels, self.stage_out, len(self.encoder_in_channels), 0)[0]
 
     @property
     def size_name(self) -> str:
         """D-FINE-N/S/M/L/X as the original configs define them, else "custom"."""
-        levels = len(self.encoder_in_channels)
-        name = self.backbone_name
-        if name == "B0":
-            return "N" if levels == 2 and self.encoder_hidden == 128 else "S" if levels == 3 else "custom"
-        return {"B2": "M", "B4": "L", "B5": "X"}.get(name, "custom")
+        return dfine_size_names(
+            self.stem_channels, self.stage_out, len(self.encoder_in_channels), self.encoder_hidden
+        )[1]
 
     def describe(self) -> str:
         grey = "1 channel (grey)" if self.in_channels == 1 else f"{self.in_channels} channels"

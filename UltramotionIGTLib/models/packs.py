@@ -35,6 +35,7 @@ scope, so the doctor can run it on a bare Python.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -395,9 +396,13 @@ def describe_detector(pack_dir: str | Path, rel: str, name: str | None = None) -
     size: list[int] = []
     proc = folder / "preprocessor_config.json"
     if proc.is_file():
-        s = _read_json(proc).get("size") or {}
+        data = _read_json(proc)
+        s = data.get("size") or {}
+        pad = data.get("pad_size") or {}
         if isinstance(s, dict) and "height" in s and "width" in s:
             size = [int(s["height"]), int(s["width"])]
+        elif data.get("do_pad") and isinstance(pad, dict) and "height" in pad and "width" in pad:
+            size = [int(pad["height"]), int(pad["width"])]  # letterbox: the padded input
     if not size:
         image_size = config.get("image_size")
         if isinstance(image_size, int):
@@ -557,23 +562,199 @@ def write_manifest(
     return path
 
 
+# ----------------------------------------------------------------------------------------------------
+# Checking a pack by loading it
+# ----------------------------------------------------------------------------------------------------
+
+#: The files of a detector folder that inference reads (transformers' config, weights, weight index,
+#: image processor) or that document the model (model cards, licence, our training record). A pack
+#: takes only these: a training output folder also holds optimizer.pt, scheduler.pt, rng_state.pth,
+#: trainer_state.json and a pickled training_args.bin, which no inference needs.
+_DETECTOR_INFERENCE_FILE = re.compile(
+    r"config\.json|preprocessor_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|training\.json|[^/]*\.md|LICEN[CS]E[^/]*"
+)
+
+
+def detector_inference_files(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(taken, left out): the files of the detector folder ``folder`` that a pack takes (relative
+    POSIX paths, top level only, hidden files ignored) and the other files and subfolders."""
+    taken: list[str] = []
+    left: list[str] = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith("."):
+            continue
+        ok = p.is_file() and not p.is_symlink() and _DETECTOR_INFERENCE_FILE.fullmatch(p.name)
+        (taken if ok else left).append(p.name + ("" if p.is_file() else "/"))
+    return taken, left
+
+
+@dataclass
+class ModelSummary:
+    """What loading a model showed: ``family`` ("D-FINE", "SAM"), ``size`` (D-FINE N/S/M/L/X or
+    "custom"; SAM type such as vit_b), ``classes`` (detector; [] for SAM), ``input_channels`` (1 grey
+    or 3), ``input_size`` (H, W model input, pixels), ``parameters`` (count), ``path`` (the file or
+    folder loaded)."""
+
+    role: str
+    family: str
+    size: str
+    classes: list[str]
+    input_channels: int
+    input_size: tuple[int, int]
+    parameters: int
+    path: Path
+
+    def format(self) -> str:
+        classes = f", {len(self.classes)} classes ({_short_list(self.classes)})" if self.classes else ""
+        return (
+            f"{self.family}-{self.size}{classes}, {self.input_channels}-channel input "
+            f"{self.input_size[0]}x{self.input_size[1]}, {self.parameters / 1e6:.2f} M parameters"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "family": self.family,
+            "size": self.size,
+            "classes": list(self.classes),
+            "input_channels": self.input_channels,
+            "input_size": list(self.input_size),
+            "parameters": self.parameters,
+            "path": str(self.path),
+        }
+
+
+def _short_list(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _parameters(module: Any) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def summarize_detector(detector: Any, path: str | Path) -> ModelSummary:
+    """A `ModelSummary` of a loaded `DFineDetector` (size named by `dfine_original.dfine_size_names`)."""
+    from UltramotionIGTLib.models.dfine_original import dfine_size_names
+
+    config = detector.model.config
+    backbone = config.backbone_config
+    _, size = dfine_size_names(
+        getattr(backbone, "stem_channels", ()),
+        getattr(backbone, "stage_out_channels", ()),
+        len(config.encoder_in_channels),
+        int(config.encoder_hidden_dim),
+    )
+    return ModelSummary(
+        role="detector",
+        family="D-FINE",
+        size=size,
+        classes=list(detector.class_names),
+        input_channels=int(detector.num_channels),
+        input_size=tuple(int(v) for v in detector.input_size),
+        parameters=_parameters(detector.model),
+        path=Path(path),
+    )
+
+
+def summarize_segmenter(segmenter: Any, path: str | Path) -> ModelSummary:
+    """A `ModelSummary` of a loaded `SamSegmenter` (size: its SAM type, e.g. vit_b; family from the
+    config's ``family`` where the registry has families, else SAM)."""
+    import torch
+
+    from UltramotionIGTLib.core.sam import config as sam_config
+
+    config = segmenter.config
+    family = getattr(config, "family", "sam")
+    first_conv = next(m for m in segmenter.model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    return ModelSummary(
+        role="segmenter",
+        family=getattr(sam_config, "FAMILY_NAMES", {}).get(family, "SAM"),
+        size=str(getattr(config, "name", "custom")),
+        classes=[],
+        input_channels=int(first_conv.in_channels),
+        input_size=(int(segmenter.image_size), int(segmenter.image_size)),
+        parameters=_parameters(segmenter.model),
+        path=Path(path),
+    )
+
+
+def load_detector_summary(folder: str | Path) -> ModelSummary:
+    """Load an HF D-FINE folder on the CPU as the pipeline does and summarise it; CheckpointError
+    (naming the file) for anything that would not run."""
+    from UltramotionIGTLib.core.detector import DFineDetector
+
+    return summarize_detector(
+        DFineDetector.from_pretrained(folder, device="cpu", channels_last=False), folder
+    )
+
+
+def load_segmenter_summary(path: str | Path, sam_type: str = "auto") -> ModelSummary:
+    """Load a SAM checkpoint on the CPU as the pipeline does and summarise it; CheckpointError
+    (naming the file) for anything that would not run."""
+    from UltramotionIGTLib.core.sam import SamSegmenter
+
+    return summarize_segmenter(SamSegmenter.from_checkpoint(path, model_type=sam_type, device="cpu"), path)
+
+
+def check_models_load(root: str | Path, manifest: PackManifest) -> list[ModelSummary]:
+    """Build each model of a pack from its files on the CPU, as the pipeline will, and compare it
+    with the manifest: the detector's classes, the SAM type. Returns one `ModelSummary` per model.
+
+    A file whose hashes match but that holds something the pipeline cannot run (an RT-DETR folder,
+    a SAM-HQ or SAM 2 file, a checkpoint labelled with another SAM type) raises CheckpointError
+    naming it. Loads the full weights (memory: the model's size, once, on the CPU).
+    """
+    root = Path(root)
+    out: list[ModelSummary] = []
+    for spec in manifest.models:
+        path = root / spec.path
+        if spec.role == "detector":
+            summary = load_detector_summary(path)
+            if spec.classes and summary.classes != list(spec.classes):
+                raise CheckpointError(
+                    f"pack {manifest.name!r}: detector {path} has classes {summary.classes}, "
+                    f"the manifest says {spec.classes}"
+                )
+        else:
+            summary = load_segmenter_summary(path, spec.model_type)
+        out.append(summary)
+    return out
+
+
+def _renamed(exc: CheckpointError, paths: Sequence[tuple[Path, Path]]) -> CheckpointError:
+    """``exc`` with each staging path replaced by the path the user gave (first match wins per spot)."""
+    message = str(exc)
+    for staged, shown in paths:
+        message = message.replace(str(staged), str(shown))
+    return CheckpointError(message)
+
+
 @dataclass
 class PackReport:
     """What `verify_pack` found: the pack folder, its manifest, how many files and bytes were
-    checked, and files present in the folder that the manifest does not list (``extra_files``)."""
+    checked, files present in the folder that the manifest does not list (``extra_files``), and what
+    loading each model showed (``loaded``; empty when the models were not loaded)."""
 
     root: Path
     manifest: PackManifest
     checked_files: int
     checked_bytes: int
     extra_files: list[str]
+    loaded: list[ModelSummary] = field(default_factory=list)
 
     def format(self) -> str:
+        loaded = " and its models load" if self.loaded else ""
         lines = [
             f"pack {self.manifest.name!r} at {self.root}: OK, {self.checked_files} files "
-            f"({self.checked_bytes / 1e6:.1f} MB) match their sha256"
+            f"({self.checked_bytes / 1e6:.1f} MB) match their sha256{loaded}"
         ]
+        summaries = {m.role: m for m in self.loaded}
         for spec in self.manifest.models:
+            if spec.role in summaries:
+                lines.append(f"  {spec.role:<9} {spec.name}: {summaries[spec.role].format()}: {spec.path}")
+                continue
             classes = f", classes {', '.join(spec.classes)}" if spec.classes else ""
             lines.append(
                 f"  {spec.role:<9} {spec.name} ({spec.architecture} {spec.model_type}, input "
@@ -587,7 +768,7 @@ class PackReport:
         return "\n".join(lines)
 
 
-def _verify_dir(root: Path) -> PackReport:
+def _verify_dir(root: Path, load: bool = True) -> PackReport:
     manifest = read_manifest(root)
     listed = manifest.all_files()
     total = 0
@@ -614,7 +795,8 @@ def _verify_dir(root: Path) -> PackReport:
             )
         total += listed[rel]["bytes"]
     extra = [rel for rel in pack_files_on_disk(root) if rel not in listed]
-    return PackReport(root, manifest, len(listed), total, extra)
+    loaded = check_models_load(root, manifest) if load else []
+    return PackReport(root, manifest, len(listed), total, extra, loaded)
 
 
 @contextmanager
@@ -635,26 +817,30 @@ def naming_the_zip(unpacked: Path | None, zip_path: Path | None) -> Iterator[Non
         raise CheckpointError(text) from None
 
 
-def verify_pack(path: str | Path) -> PackReport:
-    """Check every file a pack lists (existence, size, sha256); returns a `PackReport`.
+def verify_pack(path: str | Path, load: bool = True) -> PackReport:
+    """Check every file a pack lists (existence, size, sha256), then (``load``) build its models
+    on the CPU from those files (`check_models_load`); returns a `PackReport`.
 
-    ``path``: a pack folder or a ``.zip`` of one (verified in a temporary folder, then removed).
-    Raises CheckpointError naming the first file that is missing or whose size/sha256 differ, and for
-    a missing or invalid manifest. Files the manifest does not list are reported, not an error.
+    ``path``: a pack folder or a ``.zip`` of one (verified in a temporary folder, then removed; errors
+    name the file inside the zip as ``ZIP:member``, never the temporary folder). Raises CheckpointError
+    naming the first file that is missing, whose size/sha256 differ or that does not load, and for a
+    missing or invalid manifest. Files the manifest does not list are reported, not an error.
     """
     path = Path(path).expanduser()
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="ultramotion-verify-") as tmp:
             inner = extract_pack_zip(path, Path(tmp))
             with naming_the_zip(inner, path):
-                report = _verify_dir(inner)
+                report = _verify_dir(inner, load)
             report.root = path
+            for summary in report.loaded:
+                summary.path = path / summary.path.relative_to(inner)
             return report
     if not path.exists():
         raise CheckpointError(f"model pack {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is neither a pack folder nor a .zip of one")
-    return _verify_dir(path)
+    return _verify_dir(path, load)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -757,8 +943,10 @@ def import_pack(src: str | Path, dest_root: str | Path | None = None, overwrite:
     beside the destination, verified there (sha256 of every listed file), and only then renamed into
     place, so a failed or interrupted import leaves no half-installed pack. Only the manifest and the
     files it lists are installed. Zip entries that would land outside the pack (absolute paths,
-    ``..``, links) make the whole import fail. An installed pack of the same name is replaced only
-    with ``overwrite=True``. Raises CheckpointError saying what to do.
+    ``..``, links) make the whole import fail. The models are built from the files before anything is
+    installed (`check_models_load`): a pack that would fail at first use is refused, naming the file
+    as the user knows it (the zip or folder given, never the staging folder). An installed pack of
+    the same name is replaced only with ``overwrite=True``. Raises CheckpointError saying what to do.
     """
     src = Path(src).expanduser()
     dest_root = Path(dest_root).expanduser() if dest_root is not None else user_models_dir()
@@ -775,7 +963,8 @@ def import_pack(src: str | Path, dest_root: str | Path | None = None, overwrite:
             pack_dir = extract_pack_zip(src, unpacked)
         else:
             pack_dir = src
-        report = _verify_dir(pack_dir)
+        with naming_the_zip(pack_dir if pack_dir != src else None, src):
+            report = _verify_dir(pack_dir)
         manifest = report.manifest
         final = dest_root / _safe_folder_name(manifest.name)
         if pack_dir.resolve() == final.resolve():
@@ -791,7 +980,7 @@ def import_pack(src: str | Path, dest_root: str | Path | None = None, overwrite:
             target = ready.joinpath(*PurePosixPath(rel).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(pack_dir / rel, target)
-        installed = _verify_dir(ready)  # the copy itself, before it becomes visible
+        installed = _verify_dir(ready, load=False)  # the copy's hashes, before it becomes visible
         if final.exists():
             old = staging / "previous"
             os.replace(final, old)
@@ -804,6 +993,9 @@ def import_pack(src: str | Path, dest_root: str | Path | None = None, overwrite:
             os.replace(ready, final)
         installed.root = final
         installed.extra_files = report.extra_files
+        installed.loaded = [
+            dataclasses.replace(m, path=final / m.path.relative_to(pack_dir)) for m in report.loaded
+        ]
         return installed
     except OSError as exc:
         raise CheckpointError(f"cannot install {src} into {dest_root}: {exc}") from exc
@@ -822,7 +1014,13 @@ def make_pack(
 ) -> Path:
     """Build a pack from a user's checkpoints: copies ``detector_dir`` (an HF D-FINE folder) to
     ``dest/detector`` and ``sam_checkpoint`` (+ its sidecar ``.json``) to ``dest/sam/``, then writes
-    the manifest. ``dest`` ending in ``.zip`` writes a zip (one file to carry). Returns ``dest``."""
+    the manifest. ``dest`` ending in ``.zip`` writes a zip (one file to carry). Returns ``dest``.
+
+    Both models are first built on the CPU from the user's own files (`load_detector_summary`,
+    `load_segmenter_summary`): what cannot run is refused with a CheckpointError naming that file.
+    Only the detector folder's inference files are taken (`detector_inference_files`); what is left
+    out (optimizer state, ``training_args.bin``, ...) is recorded as the detector's ``left_out``.
+    """
     if detector_dir is None and sam_checkpoint is None:
         raise CheckpointError("make_pack needs a detector folder and/or a SAM checkpoint")
     dest = Path(dest).expanduser()
@@ -834,16 +1032,27 @@ def make_pack(
         folder = work / "pack"
         folder.mkdir()
         models: list[dict[str, Any]] = []
+        staged: list[tuple[Path, Path]] = []
         if detector_dir is not None:
             det = Path(detector_dir).expanduser()
             if not (det / "config.json").is_file():
                 raise CheckpointError(f"{det} is not an HF D-FINE folder (no config.json)")
-            shutil.copytree(det, folder / "detector", ignore=shutil.ignore_patterns(".*", *EXCLUDED_NAMES))
-            models.append({"role": "detector", "path": "detector"})
+            load_detector_summary(det)
+            taken, left_out = detector_inference_files(det)
+            (folder / "detector").mkdir()
+            for file_name in taken:
+                shutil.copy2(det / file_name, folder / "detector" / file_name)
+            item: dict[str, Any] = {"role": "detector", "path": "detector"}
+            if left_out:
+                item["left_out"] = left_out
+            models.append(item)
+            staged.append((folder / "detector", det))
         if sam_checkpoint is not None:
             ckpt = find_sam_checkpoint(Path(sam_checkpoint).expanduser())
             if ckpt is None:
                 raise CheckpointError(f"SAM checkpoint {sam_checkpoint} does not exist")
+            load_segmenter_summary(ckpt, sam_type)
+            staged.append((folder / "sam" / ckpt.name, ckpt))
             (folder / "sam").mkdir()
             shutil.copy2(ckpt, folder / "sam" / ckpt.name)
             sidecar = ckpt.with_suffix(".json")
@@ -851,7 +1060,10 @@ def make_pack(
                 shutil.copy2(sidecar, folder / "sam" / sidecar.name)
             models.append({"role": "segmenter", "path": f"sam/{ckpt.name}", "model_type": sam_type})
         pack_name = name or dest.stem
-        write_manifest(folder, pack_name, description, models)
+        try:
+            write_manifest(folder, pack_name, description, models)
+        except CheckpointError as exc:
+            raise _renamed(exc, staged) from exc
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         if as_zip:
@@ -953,7 +1165,7 @@ def load_pack(
     from UltramotionIGTLib.core.sam import SamSegmenter
 
     root = resolve_pack(path_or_name, user_root)
-    manifest = verify_pack(root).manifest
+    manifest = verify_pack(root, load=False).manifest  # the models are loaded below, once
     det_spec, seg_spec = manifest.model("detector"), manifest.model("segmenter")
     for role, spec in (("detector", det_spec), ("segmenter", seg_spec)):
         if spec is None:
@@ -1036,7 +1248,12 @@ def run_make(args: argparse.Namespace) -> int:
         overwrite=args.force,
     )
     print(f"wrote {out}")
-    print(verify_pack(out).format())
+    report = verify_pack(out)
+    print(report.format())
+    detector = report.manifest.model("detector")
+    left_out = detector.extra.get("left_out") if detector is not None else None
+    if left_out:
+        print(f"  left out of the pack (not needed for inference): {', '.join(left_out)}")
     return 0
 
 

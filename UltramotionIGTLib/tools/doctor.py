@@ -339,28 +339,34 @@ def _load_failure(name: str, path: Path, exc: BaseException) -> CheckResult:
 
 
 def load_detector(detector_dir: Path, device: Any) -> tuple[Any, CheckResult]:
+    """Load the detector; the OK result names its family, size, classes, input channels and
+    parameter count (`models.packs.ModelSummary`, also in ``details``)."""
     try:
         from UltramotionIGTLib.core.detector import DFineDetector
+        from UltramotionIGTLib.models.packs import summarize_detector
 
         detector = DFineDetector.from_pretrained(detector_dir, device=device)
+        model = summarize_detector(detector, detector_dir)
     except Exception as exc:  # noqa: BLE001 - reported as a failed check
         return None, _load_failure("detector load", detector_dir, exc)
-    classes = tuple(getattr(detector, "class_names", ()))
-    summary = f"D-FINE loaded on {device}" + (f", classes {', '.join(classes)}" if classes else "")
-    return detector, CheckResult("detector load", CheckStatus.OK, summary, details={"classes": list(classes)})
+    return detector, CheckResult(
+        "detector load", CheckStatus.OK, f"{model.format()}; loaded on {device}", details=model.to_dict()
+    )
 
 
 def load_segmenter(sam_checkpoint: Path, sam_type: str, device: Any) -> tuple[Any, CheckResult]:
+    """Load SAM; the OK result names its type, input channels and size, and parameter count."""
     try:
         from UltramotionIGTLib.core.sam import SamSegmenter
+        from UltramotionIGTLib.models.packs import summarize_segmenter
 
         segmenter = SamSegmenter.from_checkpoint(sam_checkpoint, model_type=sam_type, device=device)
+        model = summarize_segmenter(segmenter, sam_checkpoint)
     except Exception as exc:  # noqa: BLE001 - reported as a failed check
         return None, _load_failure("SAM load", sam_checkpoint, exc)
-    config = getattr(segmenter, "config", None)
-    kind = getattr(config, "name", None) or getattr(segmenter, "model_type", None) or sam_type
+    details = {**model.to_dict(), "model_type": model.size}
     return segmenter, CheckResult(
-        "SAM load", CheckStatus.OK, f"SAM ({kind}) loaded on {device}", details={"model_type": kind}
+        "SAM load", CheckStatus.OK, f"{model.format()}; loaded on {device}", details=details
     )
 
 
@@ -371,12 +377,24 @@ def warmup_frame(seed: int = 0):
     return PhantomStream(seed=seed, n_frames=1).frame(0).image
 
 
-def check_warmup(detector: Any, segmenter: Any, device: Any, frames: int = 2) -> CheckResult:
-    """Run ``frames`` synthetic frames through the real `Pipeline`; report first and steady times."""
+def check_warmup(
+    detector: Any, segmenter: Any, device: Any, frames: int = 2, input_path: str | Path | None = None
+) -> CheckResult:
+    """Run ``frames`` frames through the real `Pipeline`; report first and steady times. The frame is
+    the first of the recording ``input_path`` (the user's frame size; colour kept), else a synthetic one."""
     from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
 
     pipeline = Pipeline(detector, segmenter, PipelineConfig(device=str(device)))
-    frame = warmup_frame()
+    if input_path is not None:
+        from UltramotionIGTLib.errors import UltramotionError
+        from UltramotionIGTLib.io import read_sequence
+
+        try:
+            frame = read_sequence(input_path, color="rgb").frames[0]
+        except UltramotionError as exc:
+            return CheckResult("warm-up", CheckStatus.FAIL, str(exc), "give a recording the pipeline reads")
+    else:
+        frame = warmup_frame()
     times = []
     targets = 0
     for i in range(max(1, frames)):
@@ -407,6 +425,7 @@ def run_checks(
     sam_checkpoint: str | Path | None = None,
     sam_type: str | None = None,
     warmup: bool = True,
+    warmup_input: str | Path | None = None,
 ) -> list[CheckResult]:
     """Run every check in order; later checks are SKIPped (saying why) when what they need failed.
 
@@ -455,7 +474,11 @@ def run_checks(
     elif detector is None or segmenter is None:
         results.append(CheckResult("warm-up", CheckStatus.SKIP, "skipped: a model did not load"))
     else:
-        results.append(_timed("warm-up", lambda: check_warmup(detector, segmenter, resolved_device)))
+        results.append(
+            _timed(
+                "warm-up", lambda: check_warmup(detector, segmenter, resolved_device, input_path=warmup_input)
+            )
+        )
     return results
 
 
@@ -468,6 +491,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "unless named. Exit 0 when ready (warnings allowed), 1 when a check failed."
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the timed warm-up frames")
+    parser.add_argument(
+        "--input",
+        default=None,
+        metavar="REC",
+        help="time the warm-up on this recording's first frame (your frame size, colour kept) instead of "
+        "a phantom frame",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_arguments(parser)
 
@@ -483,6 +513,7 @@ def run(args: argparse.Namespace) -> int:
         sam_checkpoint=source.sam,
         sam_type=source.sam_type,
         warmup=not args.no_warmup,
+        warmup_input=args.input,
     )
     if args.json:
         import json

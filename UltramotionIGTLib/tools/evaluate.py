@@ -94,8 +94,9 @@ def detector_ap50(detector: Any, dataset: Any, config: Any | None = None, raw: b
     cfg = config or PipelineConfig()
     settings = {
         "score_threshold": float(cfg.score_threshold),
-        "max_per_class": int(cfg.max_targets_per_class),
+        "max_per_class": None if cfg.max_targets_per_class is None else int(cfg.max_targets_per_class),
         "nms_iou": float(cfg.nms_iou),
+        "max_prompts": int(cfg.max_prompts),
     }
     per_class = training_detector_ap50(detector, dataset, **settings)
     report: dict[str, Any] = {
@@ -108,7 +109,7 @@ def detector_ap50(detector: Any, dataset: Any, config: Any | None = None, raw: b
         "settings": settings,
     }
     if raw:
-        raw_ap = training_detector_ap50(detector, dataset, score_threshold=0.0, max_per_class=None)
+        raw_ap = training_detector_ap50(detector, dataset, score_threshold=0.0, max_prompts=None)
         report["raw_per_class"] = {name: float(raw_ap[name]) for name in CLASS_NAMES}
     return report
 
@@ -325,7 +326,8 @@ def format_report(report: dict[str, Any]) -> str:
     cfg = report["pipeline_config"]
     lines += [
         "",
-        f"pipeline: score threshold {cfg['score_threshold']}, <= {cfg['max_targets_per_class']} prompts per class, "
+        f"pipeline: score threshold {cfg['score_threshold']}, {cfg.get('max_prompts', '-')} prompts per frame "
+        f"(<= {cfg['max_targets_per_class']} per class), "
         f"tracking {'on' if cfg['track'] else 'off'}; {e2e['ms_per_frame']:.1f} ms per frame; "
         f"evaluation took {report['wall_s']:.1f} s",
         "ACCEPTANCE: " + ("PASS (all bars met)" if report["passed"] else "FAIL (see the rows marked FAIL)"),

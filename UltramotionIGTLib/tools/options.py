@@ -257,13 +257,22 @@ def add_pipeline_arguments(parser: Any) -> None:
         metavar="S",
         help="detections scoring below S are not prompted (default 0.3)",
     )
+    add_max_prompts_argument(group)
     group.add_argument(
         "--max-targets",
-        type=positive_int,
+        type=non_negative_int,
         default=4,
         metavar="N",
-        help="at most N box prompts per class per frame, best first after NMS (default 4; at most the "
-        "detector's query count, the boxes it proposes per frame)",
+        help="at most N of those prompts per class, best first after NMS; 0: no per-class cap (default "
+        "4; at most the detector's query count)",
+    )
+    group.add_argument(
+        "--imaging-region",
+        default=None,
+        metavar="X,Y,W,H|auto",
+        help="run the models on this part of the frame only (PLUS clip rectangle: origin X,Y and size W,H "
+        "in pixels; outputs stay in frame pixels), or auto: the bounding box of the recording's non-black "
+        "pixels, decided once before the run (default: the whole frame)",
     )
     group.add_argument(
         "--no-track",
@@ -278,6 +287,35 @@ def add_pipeline_arguments(parser: Any) -> None:
         "(host hops per frame; tools/benchmarks/legacy.py)",
     )
     add_acceleration_arguments(group)
+
+
+def add_max_prompts_argument(parser: Any) -> None:
+    """``--max-prompts N`` (`PipelineConfig.max_prompts`, default 8): the prompt budget of run, demo,
+    audit --runtime and bench pipeline."""
+    parser.add_argument(
+        "--max-prompts",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="SAM box prompts per frame over all classes, the best after NMS: the fixed budget that sets "
+        "the per-frame cost whatever the detector's class count (default 8; at most the detector's query "
+        "count, the boxes it proposes per frame)",
+    )
+
+
+def is_auto_region(text: str | None) -> bool:
+    """Whether ``--imaging-region`` is ``auto`` (decided from the recording's frames before the run)."""
+    return text is not None and str(text).strip().lower() == "auto"
+
+
+def imaging_region_arg(text: str | None) -> tuple[int, int, int, int] | None:
+    """``--imaging-region`` X,Y,W,H -> (x, y, w, h); None for none or ``auto`` (the command decides it
+    from the frames). Raises `InputFileError` naming the text when it is not four whole numbers."""
+    if text is None or is_auto_region(text):
+        return None
+    from UltramotionIGTLib.core.region import ImagingRegion
+
+    return ImagingRegion.parse(text).as_tuple()
 
 
 #: the choices of `add_acceleration_arguments` (mirrors `core.acceleration`; no torch import here)
@@ -333,26 +371,36 @@ def detector_query_count(detector: Any) -> int | None:
 
 
 def pipeline_config_from_args(
-    args: argparse.Namespace, source: ModelSource | None = None, **overrides: Any
+    args: argparse.Namespace, source: ModelSource | None = None, auto_region: bool = False, **overrides: Any
 ) -> Any:
     """THE place where the pipeline options become a `PipelineConfig` (with ``--device``).
 
-    ``source``: the models, when known: ``--max-targets`` is bounded by the detector's query count
-    (more prompt slots could never be filled; each costs an HxW mask per frame, so an unbounded value
-    exhausts memory). Raises `UsageError` for values the config refuses.
+    ``source``: the models, when known: ``--max-prompts`` and ``--max-targets`` are bounded by the
+    detector's query count (`core.pipeline.check_prompt_budget`, checked here before any model loads:
+    more prompt slots could never be filled, and each costs an HxW mask per frame). ``--max-targets 0``
+    is no per-class cap. ``auto_region``: the command decides ``--imaging-region auto`` from a
+    recording's frames (the config then has no region yet); elsewhere ``auto`` is a `UsageError`.
+    Raises `UsageError` for values the config refuses.
     """
-    from UltramotionIGTLib.core.pipeline import PipelineConfig
+    from UltramotionIGTLib.core.pipeline import PipelineConfig, check_prompt_budget
+    from UltramotionIGTLib.errors import SettingsError
 
-    queries = detector_query_count(source.detector) if source is not None else None
-    if queries is not None and args.max_targets > queries:
+    per_class = args.max_targets or None
+    if is_auto_region(args.imaging_region) and not auto_region:
         raise UsageError(
-            f"--max-targets {args.max_targets}: the detector proposes {queries} boxes per frame (its query "
-            f"count), so at most {queries} targets per class can be prompted"
+            "--imaging-region auto is found from a recording's frames (ultramotion-igt run); give X,Y,W,H here"
         )
+    queries = detector_query_count(source.detector) if source is not None else None
+    try:
+        check_prompt_budget(queries, args.max_prompts, per_class, names=("--max-prompts", "--max-targets"))
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
     values = {
         "device": args.device,
         "score_threshold": args.score_threshold,
-        "max_targets_per_class": args.max_targets,
+        "max_prompts": args.max_prompts,
+        "max_targets_per_class": per_class,
+        "imaging_region": imaging_region_arg(args.imaging_region),
         "track": not args.no_track,
         "precision": args.precision,
         "sam_attention": args.sam_attention,

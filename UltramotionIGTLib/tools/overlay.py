@@ -31,9 +31,10 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def draw_overlay(frame: np.ndarray, result: HostResult, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 HxWx3 image: ``frame`` (HxW uint8) with masks blended and boxes and names drawn,
-    each target as its visibility state says (see the module docstring)."""
-    rgb = np.repeat(np.asarray(frame, dtype=np.uint8)[..., None], 3, axis=2).astype(np.float32)
+    """RGB uint8 HxWx3 image: ``frame`` (HxW grey or HxWx3 RGB, uint8) with masks blended and boxes and
+    names drawn, each target as its visibility state says (see the module docstring)."""
+    frame = np.asarray(frame, dtype=np.uint8)
+    rgb = (frame if frame.ndim == 3 else np.repeat(frame[..., None], 3, axis=2)).astype(np.float32)
     colors = [np.array(c, np.float32) * 255.0 for c in result.segment_colors()]
     states = result.state_names()
     for i in np.argsort(result.scores, kind="stable"):

@@ -22,6 +22,7 @@ from UltramotionIGTLib.tools.options import (
     add_model_arguments,
     add_pipeline_arguments,
     add_sync_audit_argument,
+    is_auto_region,
     pipeline_config_from_args,
     positive_int,
     resolve_model_source,
@@ -260,6 +261,17 @@ def sequence_poses(sequence: Any) -> list[Any] | None:
     ]
 
 
+def auto_imaging_region(frames: Any) -> tuple[int, int, int, int]:
+    """``--imaging-region auto``: the bounding box of the recording's non-black pixels
+    (`core.region.ImagingRegion.from_frames`), decided once before the run and printed; (x, y, w, h)."""
+    from UltramotionIGTLib.core.region import ImagingRegion
+
+    region = ImagingRegion.from_frames(frames)
+    h, w = (int(v) for v in np.shape(frames)[1:3])
+    print(f"imaging region (auto, from the non-black pixels): {region.as_text()} of the {w}x{h} frame")
+    return region.as_tuple()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run detection + segmentation on a PLUS recording (.igs.mha, .seq.mha, .igs.nrrd, .seq.nrrd), a "
@@ -302,14 +314,18 @@ def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.tools.outputs import OutputFolder
 
     source = resolve_model_source(args)
-    config = pipeline_config_from_args(args, source=source)
+    config = pipeline_config_from_args(args, source=source, auto_region=True)
     device = resolve_device(config.device)  # fail fast, before reading anything large
     folder = OutputFolder.open(args.out, args.overwrite, inputs=(args.input, source.sam))
     try:
-        sequence = read_sequence(args.input, intensity="keep")  # the pipeline maps intensities
+        # the pipeline maps intensities; colour stays colour: the pipeline gives it to 3-channel
+        # detectors and luminance to grey ones
+        sequence = read_sequence(args.input, color="rgb", intensity="keep")
         if args.max_frames is not None:
             sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
         check_frame_shape(sequence.frames.shape[1:])
+        if is_auto_region(args.imaging_region):
+            config.imaging_region = auto_imaging_region(sequence.frames)
         stated = sequence.metadata.get("intensity_window")
         window = IntensityWindow.stated(stated[0], stated[1], str(sequence.frames.dtype)) if stated else None
         # the pipeline alone holds the loaded models: a reduced-precision copy then replaces them

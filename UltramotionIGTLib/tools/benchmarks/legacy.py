@@ -20,6 +20,7 @@ import torch
 from UltramotionIGTLib.core.detector import Detections, DFineDetector
 from UltramotionIGTLib.core.kpi import StageTimer
 from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+from UltramotionIGTLib.errors import SettingsError
 from UltramotionIGTLib.tools.metrics import box_iou_np
 
 LOG = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ def run_inference_legacy(
     batch = detector._as_batch(frame, batched=batched)
     k = detector.num_top(num_top)
     prep = detector.preprocessing
+    if prep.fit_size is not None:
+        raise SettingsError("the legacy detector path stretches frames only: it has no letterbox")
     device = detector.device
     frames = batch.detach().to("cpu").numpy().astype(np.float32)  # BxCxHxW on the host
     image_h, image_w = frames.shape[-2:]
@@ -161,7 +164,8 @@ class LegacyPipeline(Pipeline):
     def _select_and_segment(self, image: torch.Tensor, detections: Detections, timer: StageTimer) -> tuple:
         """The old habits: threshold on the host, one SAM call per box returning numpy."""
         cfg = self.config
-        k = len(self.class_names) * cfg.max_targets_per_class
+        k = cfg.max_prompts
+        cap = cfg.max_targets_per_class
         with timer.stage("select"):
             det_boxes = detections.boxes.detach().cpu().numpy()
             det_scores = detections.scores.detach().cpu().numpy()
@@ -176,11 +180,13 @@ class LegacyPipeline(Pipeline):
                 ]
                 kept: list[int] = []
                 for i in idx:
-                    if len(kept) >= cfg.max_targets_per_class:
+                    if cap is not None and len(kept) >= cap:
                         break
                     if all(det_iou[i, j] <= cfg.nms_iou for j in kept):
                         kept.append(i)
                 chosen.extend(kept)
+            # one budget over all classes: the best K of every class's survivors
+            chosen = sorted(chosen, key=lambda i: -det_scores[i])[:k]
         h, w = int(image.shape[0]), int(image.shape[1])
         boxes = np.zeros((k, 4), np.float32)
         scores = np.zeros(k, np.float32)

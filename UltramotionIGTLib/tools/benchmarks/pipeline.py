@@ -14,6 +14,11 @@ counting never slows the timed pass): host syncs per frame, and on CUDA the sync
 and the profiler's device-to-host memcpy count.
 Also prints the visibility stage's share of the fp32-eager resident path's frame time (its scores
 and state machine, `UltramotionIGTLib.core.visibility`).
+
+``--vs-detector DIR`` compares two detectors instead (e.g. an 80-class COCO head against a 2-class
+one): the columns are ``detector`` (the model source's) and ``vs_detector`` (DIR), both on the
+GPU-resident path with the same SAM, prompt budget (--max-prompts) and acceleration options, on the
+same interleaved frames; the ratio printed is the cost of DIR's column over the detector's.
 """
 
 from __future__ import annotations
@@ -40,20 +45,39 @@ AUDITED_FRAMES = 5
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from UltramotionIGTLib.tools.options import add_acceleration_arguments, describe_from_doc
+    from UltramotionIGTLib.tools.options import (
+        add_acceleration_arguments,
+        add_max_prompts_argument,
+        describe_from_doc,
+    )
 
     describe_from_doc(parser, __doc__)
     add_bench_arguments(parser)
     group = parser.add_argument_group("columns")
     add_acceleration_arguments(group, precision_default=None)
     group.add_argument("--no-legacy", action="store_true", help="leave out the legacy column")
+    group.add_argument(
+        "--vs-detector",
+        metavar="DIR",
+        default=None,
+        help="a second D-FINE folder: the columns become the two detectors on the GPU-resident path "
+        "(same SAM, frames and options; the ratio is DIR's cost over the first detector's)",
+    )
+    add_max_prompts_argument(group)
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--json-out", metavar="FILE", help="also write the JSON report to FILE")
 
 
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Column name -> `PipelineConfig` overrides (plus ``legacy``), in display order."""
+    """Column name -> `PipelineConfig` overrides (plus ``legacy``), in display order. With
+    ``--vs-detector``: the two detectors' columns, in the configuration the acceleration options
+    name (fp32 eager by default)."""
     out: dict[str, dict[str, Any]] = {}
+    if getattr(args, "vs_detector", None):
+        spec = {"precision": args.precision or "fp32", "sam_attention": args.sam_attention}
+        if args.compile:
+            spec.update(compile=True, compile_mode=args.compile_mode)
+        return {"detector": dict(spec), "vs_detector": dict(spec)}
     if not args.no_legacy:
         out["legacy"] = {"precision": "fp32", "sam_attention": "explicit", "legacy": True}
     out[BASE] = {"precision": "fp32", "sam_attention": "explicit"}
@@ -150,15 +174,29 @@ def run(args: argparse.Namespace) -> int:
     detector, segmenter = source.load(device)
     models = source.describe()
     columns = variants(args)
+    detectors = {name: detector for name in columns}
+    base_name = BASE
+    if args.vs_detector:
+        from UltramotionIGTLib.core.detector import DFineDetector
+
+        other = DFineDetector.from_pretrained(args.vs_detector, device=device)
+        detectors["vs_detector"] = other
+        base_name = "detector"
+        models = (
+            f"{models}; vs detector {args.vs_detector} "
+            f"({len(detector.class_names)} vs {len(other.class_names)} classes)"
+        )
     pipelines = {}
     for name, spec in columns.items():
         spec = dict(spec)
         legacy = spec.pop("legacy", False)
-        config = PipelineConfig(device=str(device), **spec)
+        config = PipelineConfig(device=str(device), max_prompts=args.max_prompts, **spec)
         # each column its own models: a copy per column, so that none can affect another
-        pipelines[name] = build_pipeline(copy.deepcopy(detector), copy.deepcopy(segmenter), config, legacy)
+        pipelines[name] = build_pipeline(
+            copy.deepcopy(detectors[name]), copy.deepcopy(segmenter), config, legacy
+        )
         pipelines[name].warmup(frames[0], progress=not args.json)
-    del detector, segmenter
+    del detector, segmenter, detectors
 
     stats = {name: KpiAggregator(window=None) for name in columns}
     wall: dict[str, list[float]] = {name: [] for name in columns}
@@ -197,13 +235,14 @@ def run(args: argparse.Namespace) -> int:
             "sam_attention": described["sam_attention"],
             "compile": described["compile"],
         }
-    base = report_paths[BASE]
+    base = report_paths[base_name]
     report = {
         "device": device_name(device),
         "models": models,
         "frames": frames_source,
         "measured_frames": args.frames,
         "paths": report_paths,
+        "base": base_name,
         "ratio_to_fp32_eager": {
             name: {
                 "fps": r["fps"] / base["fps"],
@@ -215,6 +254,13 @@ def run(args: argparse.Namespace) -> int:
     }
     if "legacy" in report_paths:
         report["speedup_fps"] = base["fps"] / report_paths["legacy"]["fps"]
+    if args.vs_detector:
+        vs = report_paths["vs_detector"]
+        # the cost of the second detector's column over the first's (1.0: the same)
+        report["cost_ratio"] = {
+            "end_to_end_p50": vs["latency_ms"]["end_to_end"]["p50"] / base["latency_ms"]["end_to_end"]["p50"],
+            "mean_frame_time": base["fps"] / vs["fps"],
+        }
     if args.json_out:
         from pathlib import Path
 
@@ -236,19 +282,25 @@ def _fmt(value: Any, digits: int = 2) -> Any:
 def _text(report: dict[str, Any], args: argparse.Namespace) -> str:
     paths = report["paths"]
     names = list(paths)
-    title = {BASE: "fp32 eager"}
+    base_name = report["base"]
+    title = {BASE: "fp32 eager", "vs_detector": "vs detector"}
+    base_title = title.get(base_name, base_name)
     lines = [
         f"device: {report['device']}\nmodels: {report['models']}\nframes: {report['frames']}, "
         f"{args.frames} measured per column (+{args.warmup} warm-up), columns interleaved frame by frame\n"
     ]
-    stages = [s for s in paths[BASE]["latency_ms"] if s != "end_to_end"] + ["end_to_end"]
-    others = [n for n in names if n != BASE]
+    stages = [s for s in paths[base_name]["latency_ms"] if s != "end_to_end"] + ["end_to_end"]
+    others = [n for n in names if n != base_name]
     rows = []
     for stage in stages:
         p50 = {n: paths[n]["latency_ms"].get(stage, {}).get("p50") for n in names}
-        ratios = [(p50[BASE] / p50[n]) if p50[BASE] and p50[n] else "-" for n in others]
+        ratios = [(p50[base_name] / p50[n]) if p50[base_name] and p50[n] else "-" for n in others]
         rows.append([stage, *(_fmt(p50[n]) for n in names), *ratios])
-    headers = ["stage (p50 ms)", *(title.get(n, n) for n in names), *(f"fp32 eager / {n}" for n in others)]
+    headers = [
+        "stage (p50 ms)",
+        *(title.get(n, n) for n in names),
+        *(f"{base_title} / {title.get(n, n)}" for n in others),
+    ]
     lines += [table(headers, rows), ""]
     rows = []
     for n in names:
@@ -268,7 +320,7 @@ def _text(report: dict[str, Any], args: argparse.Namespace) -> str:
             ]
         )
     headers = [
-        "column", "FPS", "FPS / fp32 eager", "e2e p50", "p95", "p99", "max", "peak MiB/frame",
+        "column", "FPS", f"FPS / {base_title}", "e2e p50", "p95", "p99", "max", "peak MiB/frame",
         "weights MiB", "host syncs/frame", "CUDA sync warnings/frame", "DtoH memcpy/frame", "precision",
     ]  # fmt: skip
     lines += [table(headers, rows), ""]
@@ -295,14 +347,21 @@ def _text(report: dict[str, Any], args: argparse.Namespace) -> str:
         if n != "legacy":
             ratio = report["ratio_to_fp32_eager"][n]
             lines.append(
-                f"{n} / fp32 eager: FPS {ratio['fps']:.2f}x, end-to-end p50 {ratio['end_to_end_p50']:.2f}x"
+                f"{title.get(n, n)} / {base_title}: FPS {ratio['fps']:.2f}x, end-to-end p50 "
+                f"{ratio['end_to_end_p50']:.2f}x"
             )
+    if "cost_ratio" in report:
+        ratio = report["cost_ratio"]
+        lines.append(
+            f"vs detector / detector cost: {ratio['end_to_end_p50']:.2f}x (end-to-end p50), "
+            f"{ratio['mean_frame_time']:.2f}x (mean frame time)"
+        )
     share = report.get("visibility_share")
     if share is not None:
-        vis = paths[BASE]["latency_ms"]["visibility"]["p50"]
-        e2e = paths[BASE]["latency_ms"]["end_to_end"]["p50"]
+        vis = paths[base_name]["latency_ms"]["visibility"]["p50"]
+        e2e = paths[base_name]["latency_ms"]["end_to_end"]["p50"]
         lines.append(
             f"visibility stage (scores + state machine): p50 {vis:.2f} ms = {100.0 * share:.1f} % of the "
-            f"fp32 eager end-to-end p50 ({e2e:.1f} ms)"
+            f"{base_title} end-to-end p50 ({e2e:.1f} ms)"
         )
     return "\n".join(lines)

@@ -90,6 +90,7 @@ DEMO_DETECTOR_CONFIG: dict[str, Any] = {
 #: the pipeline's defaults (`pipeline.PipelineConfig`) at which held-out AP50 is reported
 PIPELINE_SCORE_THRESHOLD = 0.3
 PIPELINE_MAX_PER_CLASS = 4
+PIPELINE_MAX_PROMPTS = 8
 PIPELINE_NMS_IOU = 0.6
 
 
@@ -136,16 +137,18 @@ def detector_ap50(
     dataset: PhantomDataset,
     *,
     score_threshold: float = PIPELINE_SCORE_THRESHOLD,
-    max_per_class: int = PIPELINE_MAX_PER_CLASS,
+    max_per_class: int | None = PIPELINE_MAX_PER_CLASS,
     nms_iou: float = PIPELINE_NMS_IOU,
+    max_prompts: int | None = PIPELINE_MAX_PROMPTS,
     iou_threshold: float = 0.5,
 ) -> dict[str, float]:
     """Held-out AP at IoU ``iou_threshold`` per class name, at the pipeline's detection settings.
 
     Each frame runs through ``detector.run_inference_torch``; the detections kept are those the
-    pipeline prompts SAM with (`pipeline.select_prompts`: per class the top ``max_per_class`` with
-    score > ``score_threshold``, fast NMS at ``nms_iou``). ``score_threshold=0, max_per_class=None``
-    ranks every detection instead (the model's raw AP). Returns ``{class_name: AP}`` (host floats).
+    pipeline prompts SAM with (`pipeline.select_prompts`: the top ``max_prompts`` over all classes,
+    at most ``max_per_class`` per class, with score > ``score_threshold``, fast NMS at ``nms_iou``).
+    ``score_threshold=0, max_prompts=None`` ranks every detection instead (the model's raw AP).
+    Returns ``{class_name: AP}`` (host floats).
     """
     from UltramotionIGTLib.core.pipeline import select_prompts
 
@@ -154,12 +157,12 @@ def detector_ap50(
     gts: dict[int, list[np.ndarray]] = {c: [] for c in range(len(names))}
     for i in range(len(dataset)):
         det = detector.run_inference_torch(dataset.images[i])
-        if max_per_class is None:
+        if max_prompts is None:
             boxes, scores, labels = det.boxes, det.scores, det.labels
             valid = scores > score_threshold
         else:
             boxes, scores, labels, valid = select_prompts(
-                det.boxes, det.scores, det.labels, len(names), max_per_class, score_threshold, nms_iou
+                det.boxes, det.scores, det.labels, max_prompts, score_threshold, nms_iou, max_per_class
             )
         boxes_np = boxes.detach().cpu().numpy()
         scores_np = scores.detach().cpu().numpy()
@@ -423,10 +426,11 @@ def train_detector(
         detector = DFineDetector(model, preprocessing=preprocessing, device=target)
         data = heldout_set(heldout_frames)
         record["heldout_ap50"] = detector_ap50(detector, data)
-        record["heldout_ap50_raw"] = detector_ap50(detector, data, score_threshold=0.0, max_per_class=None)
+        record["heldout_ap50_raw"] = detector_ap50(detector, data, score_threshold=0.0, max_prompts=None)
         record["heldout_ap50_settings"] = {
             "score_threshold": PIPELINE_SCORE_THRESHOLD,
             "max_per_class": PIPELINE_MAX_PER_CLASS,
+            "max_prompts": PIPELINE_MAX_PROMPTS,
             "nms_iou": PIPELINE_NMS_IOU,
             "iou_threshold": 0.5,
         }
