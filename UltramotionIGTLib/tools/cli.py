@@ -193,6 +193,11 @@ class CommandParser(argparse.ArgumentParser):
         self.configure()
         return super().format_help()
 
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """A usage error is ONE line on stderr and exit 2 (the error contract), pointing at ``--help``
+        instead of argparse's usage block."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
     def format_usage(self) -> str:
         self.configure()
         return super().format_usage()
