@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from UltramotionIGTLib.core.intensity import IntensityMapper, IntensityWindow, NonFiniteFrameError
+from UltramotionIGTLib.core.intensity import (
+    IntensityMapper,
+    IntensityWindow,
+    NonFiniteFrameError,
+    apply_window,
+    window_for_frame,
+)
 from UltramotionIGTLib.core.kpi import FrameRecord
 from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig, prepare_inference_inputs
 from UltramotionIGTLib.io import read_sequence
@@ -181,3 +187,28 @@ def test_slicer_live_session_uses_the_same_mapping(random_models, phantom) -> No
         assert session.last_result.intensity == IntensityWindow("bit depth", 0, 4095, "uint16").to_dict()
     finally:
         ctx.close()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        np.full((32, 32), 1e38, np.float32),  # constant near float32's limit: +1 is lost there
+        np.full((32, 32), -3e38, np.float32),
+        np.linspace(0.0, 1e308, 32 * 32).reshape(32, 32),  # float64 beyond float32's range
+        np.full((32, 32), 7.0, np.float64),
+    ],
+    ids=["const-1e38", "const-neg-3e38", "float64-1e308", "const-7"],
+)
+def test_extreme_values_get_a_usable_window_and_no_overflow(frame) -> None:
+    """Values at or beyond float32's range (the mapping's arithmetic) still give a valid window, the
+    host and device paths the same bytes, and no numpy overflow warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in a cast would be a RuntimeWarning
+        window = window_for_frame(frame)
+        host = window.map_numpy(frame)
+        device = apply_window(torch.from_numpy(frame), window).round().clamp(0, 255).to(torch.uint8)
+    assert np.isfinite(window.lo) and np.isfinite(window.hi) and window.hi > window.lo
+    assert np.isfinite(window.scale) and window.scale > 0
+    np.testing.assert_array_equal(device.numpy(), host)

@@ -123,11 +123,18 @@ class IntensityWindow:
         frames = np.asarray(frames)
         if frames.dtype == np.uint8 and self.rule == "uint8":
             return frames
+        if frames.dtype.itemsize > 4 and frames.dtype.kind == "f":
+            # beyond float32's range a cast would overflow; outside the window every value maps to 0
+            # or 255 anyway (NaN stays NaN, handled below)
+            frames = np.clip(frames, self.lo, self.hi)
         x = frames.astype(np.float32)
         if frames.dtype.kind == "f":
             x[~np.isfinite(x)] = np.float32(self.lo)
         y = (x - np.float32(self.lo)) * np.float32(self.scale)
         return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _bit_depth_hi(maximum: float) -> float:
@@ -160,7 +167,8 @@ def window_for_frame(frame: np.ndarray) -> IntensityWindow:
         values = frame[finite] if not finite.all() else frame
     else:
         values = frame
-    lo, hi = float(values.min()), float(values.max())
+    # a window float32 can hold (the mapping's arithmetic): values beyond it map to 0 or 255
+    lo, hi = (min(max(float(v), -_FLOAT32_MAX), _FLOAT32_MAX) for v in (values.min(), values.max()))
     name = str(dtype)
     if dtype.kind in "iu" and lo >= 0:
         return IntensityWindow("bit depth", 0.0, _bit_depth_hi(hi), name)
@@ -168,7 +176,10 @@ def window_for_frame(frame: np.ndarray) -> IntensityWindow:
         return IntensityWindow("unit range", 0.0, 1.0, name)
     if dtype.kind == "f" and lo >= 0.0 and hi <= 255.0 and bool(np.all(values == np.round(values))):
         return IntensityWindow("8-bit values", 0.0, 255.0, name)
-    return IntensityWindow("first frame range", lo, hi if hi > lo else lo + 1.0, name)
+    if hi <= lo:  # a constant frame: a window one step wide (a step float32 resolves at this value)
+        step = max(1.0, abs(lo) * 2.0**-20)
+        lo, hi = (lo, lo + step) if lo + step <= _FLOAT32_MAX else (lo - step, lo)
+    return IntensityWindow("first frame range", lo, hi, name)
 
 
 class IntensityMapper:
@@ -245,6 +256,8 @@ def apply_window(tensor: Any, window: IntensityWindow) -> Any:
 
     if tensor.dtype == torch.uint8 and window.rule == "uint8":
         return tensor
+    if tensor.dtype == torch.float64:  # as `IntensityWindow.map_numpy`: no float32 overflow
+        tensor = tensor.clamp(window.lo, window.hi)
     x = tensor.to(torch.float32)
     if tensor.dtype.is_floating_point:
         x = torch.nan_to_num(x, nan=window.lo, posinf=window.lo, neginf=window.lo)
