@@ -244,6 +244,7 @@ def test_bad_checkpoints_get_one_line_and_exit_2(manifests, buffers, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "pickled model object" in err and "_PickledDetector" in err and ".state_dict()" in err
+    assert "\x1b" not in err  # torch's colour codes are not passed on
 
     truncated = tmp_path / "truncated.pt"
     torch.save(original_state_dict(manifests["n_rgb"], buffers), truncated)
@@ -251,6 +252,15 @@ def test_bad_checkpoints_get_one_line_and_exit_2(manifests, buffers, tmp_path, c
     assert cli_main(["models", "import-dfine", str(truncated), "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(truncated) in err
+
+    for name, content, words in [
+        ("text.pth", b"hello\n", "not a PyTorch file"),
+        ("empty.pth", b"", "empty (0 bytes)"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        assert cli_main(["models", "import-dfine", str(tmp_path / name), "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "\x1b" not in err
 
     not_dfine = tmp_path / "resnet.pt"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(2, 4)}, not_dfine)

@@ -43,7 +43,6 @@ import argparse
 import math
 import pickle
 import re
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,10 +156,19 @@ def load_original_state_dict(path: str | Path) -> LoadedCheckpoint:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise CheckpointError(f"D-FINE checkpoint {path} {what}: pass the .pt/.pth file the training saved")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise CheckpointError(f"D-FINE checkpoint {path} is empty (0 bytes): copy it again")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip, or its legacy pickle
+        raise CheckpointError(
+            f"D-FINE checkpoint {path} is not a PyTorch file (unrecognised first bytes): pass the .pt/.pth "
+            "file the training saved"
+        )
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours parts of its message
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if found and "torch" not in found.group(1).split(".")[0]:
             raise CheckpointError(
@@ -170,9 +178,10 @@ def load_original_state_dict(path: str | Path) -> LoadedCheckpoint:
         raise CheckpointError(
             f"D-FINE checkpoint {path} cannot be read safely: {text.splitlines()[0]}"
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # truncated zip, bad records, ...: torch raises RuntimeError and others
         raise CheckpointError(
-            f"D-FINE checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): {exc}"
+            f"D-FINE checkpoint {path} is not a readable PyTorch file, truncated or corrupt "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}): copy it again"
         ) from exc
     candidates: list[tuple[str, Any]] = []
     if isinstance(data, Mapping):
