@@ -222,6 +222,29 @@ def file_modes(models, tmp: Path, capsys) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path  # 0644 less the umask, never 0600
 
 
+def overwrite_that_cannot_remove_keeps_everything(models, tmp: Path, capsys) -> None:
+    """--overwrite over an earlier result one of whose files cannot be removed (immutable): one line,
+    exit 2, and every earlier file still there with its bytes."""
+    import shutil
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not available to make a file immutable")
+    out = tmp / "out"
+    assert cli.main(run_argv(models, recording(tmp / "a.igs.mha", 2), out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    locked = out / "summary.json"
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("this file system does not support immutable files")
+    try:
+        capsys.readouterr()
+        assert cli.main(run_argv(models, recording(tmp / "b.igs.mha", 2, seed=1), out, "--overwrite")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "nothing was removed" in err[0], err
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 CASES: dict[str, Callable] = {
     "more than 255 tracked targets": more_than_255_targets,
     "frames with the same timestamp": same_timestamps,
@@ -231,6 +254,7 @@ CASES: dict[str, Callable] = {
     "two runs into one --out": concurrent_writers,
     "input inside --out named like an output": input_inside_out,
     "files get the usual mode": file_modes,
+    "--overwrite that cannot remove a file keeps everything": overwrite_that_cannot_remove_keeps_everything,
 }
 
 

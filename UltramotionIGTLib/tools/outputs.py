@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from UltramotionIGTLib.errors import UltramotionError, UsageError
+from UltramotionIGTLib.errors import InputFileError, UltramotionError, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -176,12 +177,26 @@ class OutputFolder:
                 pass
 
     def clear_previous(self) -> None:
-        """Remove the earlier run's outputs (only names in `OUTPUT_FILES`; with ``overwrite``)."""
-        for name in self.previous:
-            try:
-                (self.path / name).unlink()
-            except FileNotFoundError:
-                pass
+        """Remove the earlier run's outputs (only names in `OUTPUT_FILES`; with ``overwrite``), all or
+        none: each is first moved aside, and when one cannot be, the others are put back and
+        `InputFileError` names it -- the earlier results stay whole."""
+        aside = self.path / f".previous-{os.getpid()}"
+        moved: list[str] = []
+        try:
+            aside.mkdir(exist_ok=True)
+            for name in self.previous:
+                if (self.path / name).exists():
+                    os.replace(self.path / name, aside / name)
+                    moved.append(name)
+        except OSError as exc:
+            for name in moved:
+                os.replace(aside / name, self.path / name)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise InputFileError(
+                f"--out {self.path}: cannot replace the earlier results ({exc.strerror or exc} on "
+                f"{Path(exc.filename or self.path).name}); nothing was removed"
+            ) from exc
+        shutil.rmtree(aside, ignore_errors=True)
         self.previous = []
 
     def release(self, keep_empty: bool = False) -> None:
