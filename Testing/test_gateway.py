@@ -637,6 +637,20 @@ def test_serve_replay_answers_a_pyigtl_client_and_stops_cleanly_on_sigint(plus_d
     assert signal.getsignal(signal.SIGINT) is not None
 
 
+def test_serve_max_frames_processes_exactly_that_many(plus_dir, tmp_path, capsys):
+    """--max-frames N: N frames processed and recorded, not what arrives before the next status tick."""
+    from UltramotionIGTLib.tools.cli import main
+
+    record = tmp_path / "rec"
+    argv = ["serve", "--replay", str(plus_dir / RECORDING), "--rate", "30", "--listen", "0", "--quiet"]
+    assert main([*argv, "--device", "cpu", "--max-frames", "3", "--record", str(record)]) == 0
+    summary = json.loads((record / "summary.json").read_text())
+    assert summary["gateway"]["processed"] == 3 and summary["frames_out"] == 3
+    records = [json.loads(line) for line in (record / "kpi.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "frame" for r in records) == 3
+    capsys.readouterr()
+
+
 def test_serve_refuses_bad_options_with_exit_code_2(capsys, tmp_path):
     from UltramotionIGTLib.tools.cli import main
 

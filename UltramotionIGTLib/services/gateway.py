@@ -85,7 +85,8 @@ class GatewayConfig:
     the oldest is dropped. ``send_timeout_s``: a client that accepts no data this long is
     disconnected. ``plus_idle_timeout_s``: reconnect to PLUS after this long without data (None:
     never). ``plus_retry_max_s``: longest wait between connection attempts (backoff from 0.1 s).
-    ``check_crc``: verify incoming CRC-64.
+    ``check_crc``: verify incoming CRC-64. ``max_frames``: process this many frames, then take no
+    more (`Gateway.finished` is set; later frames count as dropped when the gateway stops).
     """
 
     plus_host: str = "localhost"
@@ -103,6 +104,7 @@ class GatewayConfig:
     plus_idle_timeout_s: float | None = None
     plus_retry_max_s: float = 2.0
     check_crc: bool = True
+    max_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.output_name is not None:
@@ -402,6 +404,8 @@ class Gateway:
         self._kpi = KpiAggregator(window=300)
         self._throttle = _Throttle()
         self._stopping = threading.Event()
+        #: set once ``config.max_frames`` frames were processed
+        self.finished = threading.Event()
         self._input_name = self.config.input_name
         self._pose_name = self.config.pose_transform
         self._names: protocol.OutputNames | None = None
@@ -596,7 +600,11 @@ class Gateway:
                     )
                 except RuntimeError as exc:  # one audit per process: another one is active, go on without
                     LOG.warning("host syncs are not counted: %s", exc)
+            limit = self.config.max_frames
             while not self._stopping.is_set():
+                if limit is not None and self._stats.processed >= limit:
+                    self.finished.set()
+                    break
                 frame = self._mailbox.take(timeout=0.1)
                 if frame is None:
                     continue
@@ -622,7 +630,14 @@ class Gateway:
         """One frame: pipeline, messages, queued for the clients, recorded. Raises on failure."""
         t_start = time.perf_counter()
         with audit.frame(frame.index) if audit is not None else nullcontext():
-            packet = self.pipeline.process_frame(frame.image, frame.index, frame.timestamp)
+            # mm per pixel from the IMAGE's matrix: the visibility stage's widths are in mm
+            spacing = np.linalg.norm(np.asarray(frame.ijk_to_ras, dtype=np.float64)[:3, :2], axis=0)
+            packet = self.pipeline.process_frame(
+                frame.image,
+                frame.index,
+                frame.timestamp,
+                spacing=tuple(spacing) if np.all(spacing > 0) else None,
+            )
             result = packet.to_host()
         t_host = time.perf_counter()
         sync_kpi: dict[str, Any] = {}
@@ -1048,6 +1063,7 @@ def _serve(args: argparse.Namespace, models: Any, config: Any, device: Any, reco
         record_overwrite=args.overwrite,
         sync_audit=args.sync_audit,
         send_timeout_s=args.send_timeout,
+        max_frames=args.max_frames,
     )
     pipeline = build_pipeline(*models.load(device), config, legacy=args.legacy)
     if simulator is not None:
@@ -1077,12 +1093,10 @@ def _serve(args: argparse.Namespace, models: Any, config: Any, device: Any, reco
             flush=True,
         )
         t0 = time.monotonic()
-        while not stop.wait(1.0):
+        while not stop.is_set() and not gateway.finished.wait(1.0):  # --max-frames: exactly that many
             if not args.quiet:
                 print(gateway.status_line(), file=sys.stderr, flush=True)
             if args.duration is not None and time.monotonic() - t0 >= args.duration:
-                break
-            if args.max_frames is not None and gateway.stats()["processed"] >= args.max_frames:
                 break
     finally:
         summary = gateway.stop() if gateway.started else None
