@@ -98,6 +98,11 @@ def frames_1x2100(c: Ctx) -> list[str]:
     return c.run(c.tmp / "thin.npy")
 
 
+def bool_frames(c: Ctx) -> list[str]:
+    np.save(c.tmp / "mask.npy", np.zeros((2, 64, 64), bool))
+    return c.run(c.tmp / "mask.npy")
+
+
 def frames_4000x2(c: Ctx) -> list[str]:
     np.save(c.tmp / "tall.npy", np.zeros((3, 4000, 2), np.uint8))
     return c.run(c.tmp / "tall.npy")
@@ -252,7 +257,8 @@ ROWS = [
     Row("MetaImage ElementNumberOfChannels = abc", channels_abc, 2, ("c.mha", "ElementNumberOfChannels", "'abc'"), True),
     Row("MetaImage HeaderSize = abc", header_size_abc, 2, ("d.mhd", "HeaderSize", "'abc'"), True),
     Row("compressed data, DimSize too large for zlib", zlib_dimsize_too_large, 2, ("z.mha", "declares"), True),
-    Row("frames of 1 x 2100 pixels", frames_1x2100, 2, ("1 x 2100", "too small"), True),
+    Row("frames of 1 x 2100 pixels", frames_1x2100, 2, ("thin.npy", "1 x 2100", "too small"), True),
+    Row("a bool array (a mask, not an image)", bool_frames, 2, ("mask.npy", "bool", "mask"), True),
     Row("frames of 4000 x 2 pixels", frames_4000x2, 2, ("4000 x 2", "too small"), True),
     Row("--out is a file", out_is_a_file, 2, ("--out", "is a file"), True),
     Row("--out under /dev/null", out_under_dev_null, 2, ("/dev/null/results", "cannot create"), True),

@@ -32,7 +32,9 @@ def parsed_from_array(array: Any, name: str) -> ParsedFile:
     """A host array in one of the accepted layouts -> `ParsedFile` (N x H x W x C); ``name`` is what error
     messages call it (the file, or ``<ndarray (shape)>``)."""
     arr = np.asarray(array)
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind == "b":
+        raise UnsupportedImageTypeError(f"{name}: a bool array is a mask, not an image: pass intensities")
+    if arr.dtype.kind not in "iuf":
         raise UnsupportedImageTypeError(f"{name}: array dtype {arr.dtype} is not a pixel type")
     if arr.ndim == 2:
         arr = arr[np.newaxis, :, :, np.newaxis]

@@ -309,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.core.device import resolve_device
     from UltramotionIGTLib.core.intensity import IntensityWindow
     from UltramotionIGTLib.core.pipeline import check_frame_shape
+    from UltramotionIGTLib.errors import UnsupportedImageTypeError
     from UltramotionIGTLib.io import read_sequence
     from UltramotionIGTLib.tools.benchmarks.legacy import build_pipeline
     from UltramotionIGTLib.tools.outputs import OutputFolder
@@ -323,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
         sequence = read_sequence(args.input, color="rgb", intensity="keep")
         if args.max_frames is not None:
             sequence = sequence.subset(range(min(args.max_frames, sequence.n_frames)))
-        check_frame_shape(sequence.frames.shape[1:])
+        try:
+            check_frame_shape(sequence.frames.shape[1:])
+        except UnsupportedImageTypeError as exc:
+            raise UnsupportedImageTypeError(f"{args.input}: {exc}") from None
         if is_auto_region(args.imaging_region):
             config.imaging_region = auto_imaging_region(sequence.frames)
         stated = sequence.metadata.get("intensity_window")
