@@ -202,3 +202,21 @@ def test_warm_up_on_the_users_frame_size(test_models, plus_dir, tmp_path):
         run_checks(device="cpu", detector_dir=det, sam_checkpoint=sam, warmup_input=tmp_path / "x.mha")
     )
     assert bad["warm-up"].status is CheckStatus.FAIL and "x.mha" in bad["warm-up"].summary
+
+
+def test_a_pack_that_run_would_refuse_is_not_ready(tmp_path, capsys):
+    """doctor checks a --pack's sha256 as run does: a changed file is a FAIL naming it, not READY."""
+    import shutil
+
+    from UltramotionIGTLib.models.packs import default_pack
+
+    pack = shutil.copytree(default_pack(), tmp_path / "pack")
+    sam = next((pack / "sam").glob("*.safetensors"))
+    data = bytearray(sam.read_bytes())
+    data[-100:-96] = b"\x00\x01\x02\x03"
+    sam.write_bytes(bytes(data))
+    assert cli.main(["doctor", "--no-warmup", "--device", "cpu", "--pack", str(pack)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] pack:" in out and sam.name in out and "sha256" in out
+    assert cli.main(["doctor", "--no-warmup", "--device", "cpu", "--pack", str(default_pack())]) == 0
+    assert "[OK  ] pack:" in capsys.readouterr().out

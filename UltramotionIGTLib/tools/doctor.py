@@ -419,6 +419,30 @@ def check_warmup(
     return CheckResult("warm-up", CheckStatus.OK, summary, details=details)
 
 
+def check_pack(pack: Path, zip_path: Path | None = None) -> CheckResult:
+    """The pack's manifest: every file present with its size and sha256 (`models.packs.verify_pack`,
+    hashes only: the load checks follow). FAIL names the first file that differs, as ``run`` would."""
+    from UltramotionIGTLib.errors import CheckpointError
+    from UltramotionIGTLib.models.packs import naming_the_zip, verify_pack
+
+    shown = zip_path or pack
+    try:
+        with naming_the_zip(pack if zip_path is not None else None, zip_path):
+            report = verify_pack(pack, load=False)
+    except CheckpointError as exc:
+        return CheckResult(
+            "pack",
+            CheckStatus.FAIL,
+            str(exc),
+            "copy the pack again, or rebuild it (ultramotion-igt models make)",
+        )
+    return CheckResult(
+        "pack",
+        CheckStatus.OK,
+        f"{report.manifest.name!r} ({shown}): {report.checked_files} files match their sha256 in the manifest",
+    )
+
+
 def run_checks(
     device: str = "auto",
     detector_dir: str | Path | None = None,
@@ -507,7 +531,8 @@ def run(args: argparse.Namespace) -> int:
     from UltramotionIGTLib.tools.options import resolve_model_source
 
     source = resolve_model_source(args, check_files=False)
-    results = run_checks(
+    pack = [_timed("pack", lambda: check_pack(source.pack, source.zip_path))] if source.pack else []
+    results = pack + run_checks(
         device=args.device,
         detector_dir=source.detector,
         sam_checkpoint=source.sam,
