@@ -928,6 +928,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         add_model_arguments,
         add_pipeline_arguments,
         add_sync_audit_argument,
+        positive_float,
         positive_int,
     )
 
@@ -938,13 +939,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
     src = parser.add_argument_group("input (one of)")
-    src.add_argument(
+    one = src.add_mutually_exclusive_group()  # argparse refuses --plus with --replay in one line
+    one.add_argument(
         "--plus",
         default=f"localhost:{protocol.DEFAULT_PLUS_PORT}",
         metavar="HOST:PORT",
         help=f"PLUS server to receive IMAGE/TRANSFORM from (default localhost:{protocol.DEFAULT_PLUS_PORT})",
     )
-    src.add_argument(
+    one.add_argument(
         "--replay",
         metavar="FILE",
         help="built-in PLUS simulator: stream this recording (.igs.mha/.igs.nrrd ...) instead of --plus",
@@ -998,7 +1000,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--send-timeout", type=float, default=5.0, help="disconnect a client stalled this long (5 s)"
     )
     ctl = parser.add_argument_group("control")
-    ctl.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    ctl.add_argument(
+        "--duration", type=positive_float, default=None, help="stop after this many seconds (> 0)"
+    )
     ctl.add_argument(
         "--max-frames", type=positive_int, default=None, help="stop after this many processed frames"
     )
@@ -1022,7 +1026,9 @@ def run(args: argparse.Namespace) -> int:
     if args.record is not None:  # checked and locked before anything heavy (models, the recording)
         from UltramotionIGTLib.tools.outputs import OutputFolder
 
-        record = OutputFolder.open(args.record, args.overwrite, inputs=(args.replay, models.sam))
+        record = OutputFolder.open(
+            args.record, args.overwrite, inputs=(args.replay, models.sam), option="--record"
+        )
     try:
         return _serve(args, models, config, device, record)
     finally:

@@ -95,15 +95,20 @@ class OutputFolder:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], overwrite: bool = False, inputs: Iterable[Any] = ()
+        cls,
+        path: str | os.PathLike[str],
+        overwrite: bool = False,
+        inputs: Iterable[Any] = (),
+        option: str = "--out",
     ) -> OutputFolder:
         """Check, create and lock ``path`` for a run's results. ``inputs``: the files the run reads
         (recording, model files, None entries ignored). Raises `OutputFolderError` (one line naming
         the folder) for a path that is a file or cannot be created or written, a folder another run
         is writing into, a folder with an earlier run's results (unless ``overwrite``), and
-        `UsageError` for an input that the run would overwrite."""
+        `UsageError` for an input that the run would overwrite. ``option``: how messages name the
+        folder's command-line option (``serve`` records with ``--record``)."""
         out = Path(path).expanduser()
-        option = f"--out {out}"
+        option = f"{option} {out}"
         if out.exists() and not out.is_dir():
             raise OutputFolderError(f"{option} is a file, not a folder: choose a folder for the results")
         created = False
@@ -132,7 +137,7 @@ class OutputFolder:
                 cls._undo(out, created)
                 raise UsageError(
                     f"the input {item} is inside {option} under the name of an output: the run would "
-                    "overwrite it; choose another --out"
+                    f"overwrite it; choose another {option.split()[0]}"
                 )
         try:
             fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
