@@ -195,6 +195,14 @@ def sam_nan_weights(c: Ctx) -> list[str]:
     return c.run(c.recording(), sam=_nan_sam(c))
 
 
+def sam_folder_with_two_checkpoints(c: Ctx) -> list[str]:
+    folder = c.tmp / "sams"
+    folder.mkdir()
+    for name in ("a.safetensors", "b.pth"):
+        (folder / name).write_bytes(c.models[1].read_bytes())
+    return c.run(c.recording(), sam=folder)
+
+
 def doctor_sam_nan_weights(c: Ctx) -> list[str]:
     return [
         "doctor",
@@ -275,6 +283,7 @@ ROWS = [
     Row("3-D volume (MetaImage, no Kinds)", volume_3d_mha, 2, ("volume.mha", "3-D volume", "Kinds"), True),
     Row("direction matrix with parallel axes", parallel_axes, 2, ("parallel.igs.mha", "parallel"), True),
     Row("SAM checkpoint with NaN weights", sam_nan_weights, 2, ("sam_vit_t_demo.safetensors", "NaN")),
+    Row("--sam a folder of two checkpoints", sam_folder_with_two_checkpoints, 2, ("2 checkpoints", "name the file"), True),
     Row("doctor: SAM checkpoint with NaN weights", doctor_sam_nan_weights, 1, ()),
     Row("train sam --steps -1", _args("train", "sam", "--out", "x", "--steps", "-1"), 2, ("--steps", ">= 1")),
     Row("bench mrml --height 0", _args("bench", "mrml", "--height", "0"), 2, ("--height", ">= 1")),
