@@ -1228,8 +1228,12 @@ class PhantomStream:
         info.update(
             apex_xy_px=(bone.apex_x - ox, bone.apex_y - oy),
             radius_mm=bone.radius * cfg.spacing_mm,
+            radius_px=bone.radius,
             thickness_mm=bone.thickness * cfg.spacing_mm,
+            thickness_px=bone.thickness,
             curvature=bone.curvature,
+            tan_tilt=bone.tan_tilt,
+            half_width_px=bone.half_width,
             columns=(c0, c1),
         )
         if r0 >= r1:

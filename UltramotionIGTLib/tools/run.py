@@ -33,6 +33,20 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, models_required: boo
     parser.add_argument("--max-targets", type=int, default=4, help="SAM prompts per class per frame (4)")
     parser.add_argument("--no-track", action="store_true", help="do not track targets across frames")
     parser.add_argument(
+        "--mask-box-margin",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="keep each mask within its prompt box plus PX pixels unless SAM is confident beyond it "
+        "(probability >= --mask-outside-confidence); default: off",
+    )
+    parser.add_argument(
+        "--mask-outside-confidence",
+        type=float,
+        default=0.95,
+        help="probability a pixel beyond --mask-box-margin needs to stay in its mask (0.95)",
+    )
+    parser.add_argument(
         "--legacy",
         action="store_true",
         help="legacy path for comparison: gpu_resident=False, sam_as_numpy=True",
@@ -48,6 +62,8 @@ def pipeline_config_from_args(args: argparse.Namespace):
             score_threshold=args.score_threshold,
             max_targets_per_class=args.max_targets,
             track=not args.no_track,
+            mask_box_margin_px=getattr(args, "mask_box_margin", None),
+            mask_outside_confidence=getattr(args, "mask_outside_confidence", 0.95),
         )
     except ValueError as exc:
         raise InputFileError(str(exc)) from exc
