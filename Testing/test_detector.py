@@ -86,7 +86,7 @@ def test_folder_is_real_hf_format(detector_dir):
 
     config = json.loads((detector_dir / CONFIG_NAME).read_text())
     assert config["model_type"] == "d_fine"
-    assert config["id2label"] == {"0": "vessel", "1": "needle"}
+    assert config["id2label"] == {"0": "vessel", "1": "needle", "2": "bone"}
     with safe_open(str(detector_dir / WEIGHTS_NAME), framework="pt") as handle:
         assert len(list(handle.keys())) > 100
     # transformers itself loads the folder, and the processor config has our input size
@@ -98,7 +98,7 @@ def test_folder_is_real_hf_format(detector_dir):
 
 
 def test_properties(detector):
-    assert detector.class_names == ("vessel", "needle")
+    assert detector.class_names == ("vessel", "needle", "bone")
     assert detector.input_size == (256, 256)
     assert detector.device == torch.device("cpu")
     assert not detector.model.training

@@ -74,7 +74,7 @@ def test_run_spine_phantom_end_to_end(plus_dir, models, tmp_path):
     assert [r["frame"] for r in frames] == list(range(21))
     assert all(r["tensor_devices"]["masks"] == "cpu" and r["host_syncs"] == 0 for r in frames)
     names = {s["name"] for s in summary["segments"]}
-    assert names and all(n.split("-")[0] in ("vessel", "needle") for n in names)
+    assert names and all(n.split("-")[0] in ("vessel", "needle", "bone") for n in names)
     # visibility: counts per state in every KPI record, each segment's states over the frames
     assert all(set(r["visibility"]) == {"visible", "relocalizing", "lost"} for r in frames)
     assert summary["latency_ms"]["visibility"]["p50"] > 0
