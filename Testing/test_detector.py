@@ -92,7 +92,7 @@ def test_folder_is_real_hf_format(detector_dir):
 
     config = json.loads((detector_dir / CONFIG_NAME).read_text())
     assert config["model_type"] == "d_fine"
-    assert config["id2label"] == {"0": "vessel", "1": "needle"}
+    assert config["id2label"] == {"0": "vessel", "1": "needle", "2": "bone"}
     with safe_open(str(detector_dir / WEIGHTS_NAME), framework="pt") as handle:
         assert len(list(handle.keys())) > 100
     # transformers itself loads the folder, and the processor config has our input size
@@ -104,7 +104,7 @@ def test_folder_is_real_hf_format(detector_dir):
 
 
 def test_properties(detector):
-    assert detector.class_names == ("vessel", "needle")
+    assert detector.class_names == ("vessel", "needle", "bone")
     assert detector.input_size == (256, 256)
     assert detector.device == torch.device("cpu")
     assert not detector.model.training
@@ -315,7 +315,10 @@ def test_boxes_are_in_input_frame_pixels_for_non_square_frames(detector):
     torch.testing.assert_close(big.boxes / scale_big, small.boxes / 256.0, rtol=1e-4, atol=1e-4)
     # and directly from the model's normalised cxcywh boxes
     outputs = _hf_outputs(detector, frame)
-    query = torch.div(torch.topk(outputs.logits.sigmoid().flatten(1), 5).indices, 2, rounding_mode="floor")[0]
+    num_classes = outputs.logits.shape[-1]
+    query = torch.div(
+        torch.topk(outputs.logits.sigmoid().flatten(1), 5).indices, num_classes, rounding_mode="floor"
+    )[0]
     cx, cy, bw, bh = outputs.pred_boxes[0, query].unbind(-1)
     expected = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
     torch.testing.assert_close(big.boxes[:5], expected, rtol=1e-5, atol=1e-4)
@@ -497,7 +500,7 @@ def test_corrupt_weights_name_the_file(detector_dir, tmp_path, damage):
 @pytest.mark.parametrize(
     ("change", "expect"),
     [
-        ({"num_labels": 3}, "other shapes than the config"),
+        ({"num_labels": 4}, "other shapes than the config"),
         ({"d_model": 32}, "other shapes than the config"),
         ({"decoder_layers": 3}, "are missing"),
         ({"decoder_layers": 1}, "do not"),
@@ -506,7 +509,7 @@ def test_corrupt_weights_name_the_file(detector_dir, tmp_path, damage):
 def test_weights_not_matching_config_name_the_file(detector_dir, tmp_path, change, expect):
     folder = _copy(detector_dir, tmp_path / "mismatch")
     if "num_labels" in change:
-        other = small_dfine_config(("a", "b", "c"))
+        other = small_dfine_config(("a", "b", "c", "d"))
     elif "d_model" in change:
         other = small_dfine_config(d_model=change["d_model"])
     else:  # a hand-edited config.json: the weights have 2 decoder layers

@@ -504,7 +504,7 @@ def test_segmentation_defaults_and_validation(plus_dir: Path, tmp_path: Path) ->
     labels[0, 10:20, 30:50] = 2
     back = read_segmentation_sequence(write_segmentation_sequence(tmp_path / "c.seq.nrrd", labels, colour))
     assert back.index_values == ["0"] and back.index_name == "frame"
-    assert [(s.value, s.name) for s in back.segments] == [(1, "vessel"), (2, "needle")]
+    assert [(s.value, s.name) for s in back.segments] == [(1, "vessel"), (2, "needle"), (3, "bone")]
     np.testing.assert_array_equal(back.labelmaps, labels)
 
     ref = oblique_reference()

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from UltramotionIGTLib.core.packet import HostResult, ResultPacket, SegmentTable
-from UltramotionIGTLib.core.pipeline import compute_mask_weights, prepare_inference_inputs, select_prompts
+from UltramotionIGTLib.core.pipeline import (
+    compute_mask_weights,
+    confine_masks_to_boxes,
+    prepare_inference_inputs,
+    select_prompts,
+)
 from UltramotionIGTLib.errors import UnsupportedImageTypeError
 from UltramotionIGTLib.tools.metrics import box_iou_np
 
@@ -234,3 +239,100 @@ def test_visibility_states_reach_the_host_result_labelmaps_and_overlay():
     record = FrameRecord.from_result(host)
     assert record.visibility == {"visible": 1, "relocalizing": 1, "lost": 2}
     assert FrameRecord.from_dict(record.to_dict()).visibility == record.visibility
+
+
+def test_confine_masks_to_boxes_keeps_the_box_plus_margin_and_confident_pixels():
+    h, w = 40, 50
+    probs = torch.full((3, h, w), 0.7)
+    probs[0, 30:, 40:] = 0.99  # confident beyond the box: kept
+    probs[2] = 0.0
+    masks = probs > 0.5
+    boxes = torch.tensor([[10.0, 5.0, 20.0, 15.0], [0.0, 0.0, 50.0, 40.0], [float("nan"), 0.0, 5.0, 5.0]])
+    out_masks, out_probs = confine_masks_to_boxes(masks, probs, boxes, margin_px=2.0, confidence=0.95)
+    assert out_masks.dtype == torch.bool and out_probs.dtype == probs.dtype
+    assert out_masks.shape == masks.shape and out_probs.shape == probs.shape
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    inside = (xs >= 8) & (xs <= 22) & (ys >= 3) & (ys <= 17)
+    expected = inside | (probs[0].numpy() >= 0.95)
+    assert np.array_equal(out_masks[0].numpy(), expected)
+    assert np.array_equal(out_probs[0].numpy(), np.where(expected, probs[0].numpy(), 0.0))
+    assert torch.equal(out_masks[1], masks[1]) and torch.equal(out_probs[1], probs[1])  # whole-frame box
+    assert not out_masks[2].any()
+    # margin 0: exactly the pixels whose centres are inside the pixel-edge box
+    m0, _ = confine_masks_to_boxes(masks[:1], probs[:1] * 0 + 0.6, boxes[:1], 0.0)
+    assert int(m0.sum()) == 10 * 10
+
+
+def test_confine_masks_to_boxes_runs_without_host_syncs():
+    from UltramotionIGTLib.tools.audit.runtime import RuntimeTransferAudit
+
+    probs = torch.rand(6, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]] * 6)
+    with RuntimeTransferAudit("cpu") as audit:
+        for i in range(3):
+            with audit.frame(i):
+                confine_masks_to_boxes(probs > 0.5, probs, boxes, 3.0, 0.9)
+    assert audit.result.totals["undeclared"] == 0, audit.result.by_origin()
+
+
+@pytest.mark.gpu
+def test_confine_masks_to_boxes_on_cuda_matches_cpu_without_syncs():
+    probs = torch.rand(6, 64, 64, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0], [10.0, 0.0, 64.0, 20.0]] * 3)
+    ref = confine_masks_to_boxes(probs > 0.5, probs, boxes, 3.0, 0.9)
+    dev_probs, dev_boxes = probs.cuda(), boxes.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = confine_masks_to_boxes(dev_probs > 0.5, dev_probs, dev_boxes, 3.0, 0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out[0].cpu(), ref[0]) and torch.equal(out[1].cpu(), ref[1])
+
+
+def test_mask_box_margin_option_reaches_the_pipeline_config():
+    import argparse
+
+    from UltramotionIGTLib.core.pipeline import PipelineConfig
+    from UltramotionIGTLib.errors import InputFileError
+    from UltramotionIGTLib.tools.run import add_pipeline_arguments, pipeline_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_pipeline_arguments(parser, models_required=False)
+    assert pipeline_config_from_args(parser.parse_args([])).mask_box_margin_px is None
+    config = pipeline_config_from_args(
+        parser.parse_args(["--mask-box-margin", "6", "--mask-outside-confidence", "0.9"])
+    )
+    assert config.mask_box_margin_px == 6.0 and config.mask_outside_confidence == 0.9
+    with pytest.raises(InputFileError, match="mask_box_margin_px"):
+        pipeline_config_from_args(parser.parse_args(["--mask-box-margin", "-1"]))
+    with pytest.raises(ValueError, match="mask_outside_confidence"):
+        PipelineConfig(mask_outside_confidence=0.2)
+
+
+def test_pipeline_with_a_mask_box_margin_keeps_masks_near_their_prompts():
+    from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
+    from UltramotionIGTLib.models.packs import default_pack, load_pack
+    from UltramotionIGTLib.tools.phantom import PhantomStream
+    from UltramotionIGTLib.tools.training.common import demo_phantom_config
+
+    detector, segmenter, _ = load_pack(default_pack(), device="cpu")
+    frames = [PhantomStream(demo_phantom_config(), seed=s, n_frames=1).frame(0).image for s in (3, 4)]
+    # an out-of-domain frame too: the phantom flipped upside down (shadows above, skin at the bottom)
+    frames.append(np.ascontiguousarray(frames[0][::-1]))
+    config = PipelineConfig(device="cpu", track=False, mask_box_margin_px=0.0, mask_outside_confidence=0.99)
+    pipeline = Pipeline(detector, segmenter, config)
+    ys, xs = np.mgrid[0:256, 0:256] + 0.5
+    spilled = 0
+    for image in frames:
+        packet = pipeline.process_frame(image)
+        boxes, valid, masks = packet.boxes, packet.valid, packet.masks.numpy()
+        assert valid.any()
+        sam = segmenter.segment(torch.from_numpy(image), boxes, valid=valid)  # the same SAM, unconfined
+        sam_masks, sam_probs = sam.masks.numpy(), sam.mask_probs.numpy()
+        for k in range(len(valid)):
+            x0, y0, x1, y1 = boxes[k].tolist()
+            inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+            assert np.array_equal(masks[k], sam_masks[k] & (inside | (sam_probs[k] >= 0.99)))
+            spilled += int((sam_masks[k] & ~inside & (sam_probs[k] < 0.99)).sum())
+    assert spilled > 0  # something was confined

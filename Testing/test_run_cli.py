@@ -80,7 +80,7 @@ def test_run_spine_phantom_end_to_end(plus_dir, models, tmp_path):
     assert frames[0]["declared_hops"] > frames[1]["declared_hops"]
     assert summary["host_syncs_per_frame"] == 0
     names = {s["name"] for s in summary["segments"]}
-    assert names and all(n.split("-")[0] in ("vessel", "needle") for n in names)
+    assert names and all(n.split("-")[0] in ("vessel", "needle", "bone") for n in names)
     # visibility: counts per state in every KPI record, each segment's states over the frames
     assert all(set(r["visibility"]) == {"visible", "relocalizing", "lost"} for r in frames)
     assert summary["latency_ms"]["visibility"]["p50"] > 0

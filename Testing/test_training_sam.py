@@ -52,7 +52,7 @@ def test_cli_training_writes_loadable_checkpoint_and_report(tmp_path):
     assert held["n_frames"] == 4
     assert held["n_targets"] == sum(held["counts"].values()) > 0
     assert 0.0 <= held["mean_dice"] <= 1.0
-    assert set(held["per_class"]) == {"vessel", "needle"}
+    assert set(held["per_class"]) == {"vessel", "needle", "bone"}
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -9,4 +9,4 @@ Submodules are imported lazily so that `import UltramotionIGTLib` stays cheap (n
 
 __version__ = "0.1.0"
 
-CLASS_NAMES: tuple[str, ...] = ("vessel", "needle")
+CLASS_NAMES: tuple[str, ...] = ("vessel", "needle", "bone")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 CLASS_COLORS: dict[str, tuple[float, float, float]] = {
     "vessel": (0.90, 0.25, 0.25),
     "needle": (0.95, 0.85, 0.15),
+    "bone": (0.30, 0.75, 0.95),
 }
 DEFAULT_COLOR = (0.6, 0.6, 0.6)
 

@@ -80,6 +80,11 @@ class PipelineConfig:
     ``auto | sdpa | explicit`` for SAM's ViT encoder (auto: sdpa on CUDA). compile: `torch.compile`
     the detector and SAM's encoder and decoder (static shapes; compiled during `Pipeline.warmup`),
     in ``compile_mode`` (``default``, ``reduce-overhead`` = with CUDA graphs, ``max-autotune``...).
+    mask_box_margin_px: confine each mask to its prompt box grown by this many pixels on every side
+    (`confine_masks_to_boxes`); pixels beyond it stay only where SAM's probability is at least
+    ``mask_outside_confidence``. None (default): masks are SAM's as they are. It keeps a mask from
+    spilling across the image on frames unlike the model's training data (a box around a needle
+    should not give a mask over a vessel beside it).
     """
 
     device: str = "auto"
@@ -94,6 +99,8 @@ class PipelineConfig:
     compile: bool = False
     compile_mode: str = "default"
     visibility: VisibilityConfig = field(default_factory=VisibilityConfig)
+    mask_box_margin_px: float | None = None
+    mask_outside_confidence: float = 0.95
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.score_threshold) <= 1.0:
@@ -117,6 +124,15 @@ class PipelineConfig:
         if self.compile_mode not in acceleration.COMPILE_MODES:
             raise ValueError(
                 f"compile_mode must be one of {', '.join(acceleration.COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+
+        if self.mask_box_margin_px is not None and not float(self.mask_box_margin_px) >= 0.0:
+            raise ValueError(
+                f"mask_box_margin_px must be >= 0 pixels (or None), got {self.mask_box_margin_px}"
+            )
+        if not 0.5 <= float(self.mask_outside_confidence) <= 1.0:
+            raise ValueError(
+                f"mask_outside_confidence must be in [0.5, 1], got {self.mask_outside_confidence}"
             )
 
     def build_settings(self) -> tuple[str, ...]:
@@ -336,6 +352,34 @@ def compute_mask_weights(
     masks = (mask_probs[:, ::stride, ::stride] > 0.5) & valid.to(torch.bool)[:, None, None]
     regions = torch.stack(mask_region_maps(masks, grid_spacing, edge_mm, ring_mm)).to(torch.float32)
     return MaskWeights(weights, centroids, areas, regions, masks, int(stride), grid_spacing)
+
+
+def confine_masks_to_boxes(
+    masks: torch.Tensor,
+    mask_probs: torch.Tensor,
+    boxes: torch.Tensor,
+    margin_px: float,
+    confidence: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each mask within its prompt box plus a margin, unless the model is confident beyond it.
+
+    ``masks`` KxHxW bool, ``mask_probs`` KxHxW float (0..1), ``boxes`` Kx4 XYXY pixel-edge
+    coordinates (x1, y1 exclusive), all on one device. A pixel whose centre lies outside
+    ``[x0 - margin_px, x1 + margin_px] x [y0 - margin_px, y1 + margin_px]`` stays in its mask only when
+    its probability is at least ``confidence``; elsewhere its mask bit and probability are set to 0
+    (so the mask weights, centroids and areas ignore it too). Returns new (masks, mask_probs) of the
+    same shapes, dtypes and device; fixed shapes, no host sync. Non-finite box coordinates confine
+    nothing on that side.
+    """
+    k, h, w = mask_probs.shape
+    boxes = torch.nan_to_num(boxes.to(mask_probs.dtype), nan=0.0)
+    margin = float(margin_px)
+    xs = torch.arange(w, device=mask_probs.device, dtype=mask_probs.dtype) + 0.5
+    ys = torch.arange(h, device=mask_probs.device, dtype=mask_probs.dtype) + 0.5
+    in_x = (xs[None, :] >= boxes[:, 0:1] - margin) & (xs[None, :] <= boxes[:, 2:3] + margin)  # K x W
+    in_y = (ys[None, :] >= boxes[:, 1:2] - margin) & (ys[None, :] <= boxes[:, 3:4] + margin)  # K x H
+    keep = (in_y[:, :, None] & in_x[:, None, :]) | (mask_probs >= confidence)
+    return masks & keep, mask_probs * keep.to(mask_probs.dtype)
 
 
 def select_prompts(
@@ -832,7 +876,12 @@ class Pipeline:
             self.segmenter.set_torch_image(image)
         with timer.stage("sam_decoder"):
             sam = self.segmenter.predict_boxes(boxes, valid=valid)
-        return boxes, scores, labels, valid, sam.masks, sam.mask_probs
+            masks, probs = sam.masks, sam.mask_probs
+            if cfg.mask_box_margin_px is not None:
+                masks, probs = confine_masks_to_boxes(
+                    masks, probs, boxes, cfg.mask_box_margin_px, cfg.mask_outside_confidence
+                )
+        return boxes, scores, labels, valid, masks, probs
 
     def _mask_weights(
         self,

@@ -7,7 +7,7 @@ A **pack** is a folder (or a ``.zip`` of one) holding ``manifest.json`` beside t
       "name": "demo-phantom", "description": "...", "created": "2026-11-23 10:00 UTC",
       "models": [
         {"role": "detector", "name": "detector", "architecture": "d-fine", "model_type": "d_fine",
-         "path": "detector", "classes": ["vessel", "needle"], "input_size": [256, 256],
+         "path": "detector", "classes": ["vessel", "needle", "bone"], "input_size": [256, 256],
          "files": {"detector/config.json": {"sha256": "...", "bytes": 1234}, ...}},
         {"role": "segmenter", "name": "sam_vit_t_demo", "architecture": "sam", "model_type": "vit_t_demo",
          "path": "sam/sam_vit_t_demo.safetensors", "classes": [], "input_size": [256, 256],

@@ -75,6 +75,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse ``type`` of a finite quantity that may be 0 (pixels, margins)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse ``type`` of a count that may be 0 (warm-up frames, held-out frames)."""
     try:
@@ -302,6 +313,22 @@ def add_pipeline_arguments(parser: Any) -> None:
         "'<class>-untracked' (with tracking: one segment per target, '<class>-<id>')",
     )
     group.add_argument(
+        "--mask-box-margin",
+        type=non_negative_float,
+        default=None,
+        metavar="PX",
+        help="keep each mask within its prompt box plus PX pixels unless SAM is confident beyond it "
+        "(probability >= --mask-outside-confidence), so a mask cannot spill across the image on frames "
+        "unlike the model's training data; default: off (SAM's masks as they are)",
+    )
+    group.add_argument(
+        "--mask-outside-confidence",
+        type=float,
+        default=0.95,
+        metavar="P",
+        help="probability a pixel beyond --mask-box-margin needs to stay in its mask (0.5..1, default 0.95)",
+    )
+    group.add_argument(
         "--legacy",
         action="store_true",
         help="the in-house pipeline's habits, for comparison: gpu_resident=False, sam_as_numpy=True "
@@ -423,6 +450,8 @@ def pipeline_config_from_args(
         "max_targets_per_class": per_class,
         "imaging_region": imaging_region_arg(args.imaging_region),
         "track": not args.no_track,
+        "mask_box_margin_px": args.mask_box_margin,
+        "mask_outside_confidence": args.mask_outside_confidence,
         "precision": args.precision,
         "sam_attention": args.sam_attention,
         "compile": args.compile,

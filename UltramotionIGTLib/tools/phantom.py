@@ -15,11 +15,16 @@ What a frame shows (linear probe, rows = depth, columns = lateral position):
   perpendicular to the beam), posterior acoustic enhancement (blood attenuates less than tissue);
 - a hyperechoic needle inserted in plane at an angle (from the top or the side of the image), growing
   in length, with comet-tail reverberation below the shaft and an acoustic shadow;
-- slow probe motion: the whole scene (tissue, speckle, vessels, needle) translates laterally (and a
+- optionally (``PhantomConfig.bone_probability``, 0 by default) a bone surface: a bright curved
+  specular reflector a few pixels thick with a dark posterior acoustic shadow below it; where the
+  surface is steeper than ``bone_visible_angle_deg`` it reflects the beam away from the probe and
+  fades out, so only the flatter part of it is seen (and is ground truth);
+- slow probe motion: the whole scene (tissue, speckle, vessels, needle, bone) translates laterally (and a
   little axially), so objects may leave and re-enter the field of view.
 
 Ground truth per frame (`PhantomFrame`): masks are exactly the rendered shapes (vessel = lumen
-ellipse; needle = the rotated rectangle of the visible shaft), boxes are the tight pixel-edge boxes
+ellipse; needle = the rotated rectangle of the visible shaft; bone = the cortex band of the surface
+where it is flatter than ``bone_visible_angle_deg``), boxes are the tight pixel-edge boxes
 of those masks, labels index `UltramotionIGTLib.CLASS_NAMES`, target ids are stable per object.
 
 Opt-in events (`PhantomEvents`, off by default: without them every frame is exactly what it was) put
@@ -47,6 +52,8 @@ from UltramotionIGTLib import CLASS_NAMES
 from UltramotionIGTLib.errors import UltramotionError
 
 __all__ = [
+    "BONE_ID",
+    "BONE_LABEL",
     "EVENT_KINDS",
     "NEEDLE_ID_OFFSET",
     "NEEDLE_LABEL",
@@ -67,6 +74,9 @@ VESSEL_LABEL: int = CLASS_NAMES.index("vessel")
 NEEDLE_LABEL: int = CLASS_NAMES.index("needle")
 #: Target id of the needle of insertion episode ``e`` is ``NEEDLE_ID_OFFSET + e``; vessels are 0..n-1.
 NEEDLE_ID_OFFSET: int = 1000
+BONE_LABEL: int = CLASS_NAMES.index("bone")
+#: Target id of a sequence's bone surface (a sequence has at most one).
+BONE_ID: int = 2000
 
 _LN10_OVER_20 = math.log(10.0) / 20.0
 _NOISE_PAD = 64  # the noise tile is this much larger than a frame in each direction
@@ -130,6 +140,22 @@ class PhantomConfig:
     reverb_count: int = 3
     reverb_decay: float = 0.2  # amplitude ratio between successive reverberation echoes
 
+    # Bone surface (bright curved specular reflector, posterior acoustic shadow). A sequence has one
+    # with probability bone_probability (0: never, and every other part of the phantom is unchanged).
+    # The surface is y = apex depth + curvature x d^2 / (2 radius) + tan(tilt) x d over a lateral
+    # half-width (d: lateral distance from the apex), with curvature +1 (a dome, convex towards the
+    # probe) or -1 (a trough).
+    bone_probability: float = 0.0
+    bone_depth_mm: tuple[float, float] = _range(22.0, 40.0)  # depth of the apex
+    bone_radius_mm: tuple[float, float] = _range(8.0, 30.0)  # radius of curvature
+    bone_half_width_mm: tuple[float, float] = _range(8.0, 18.0)  # lateral half-extent of the surface
+    bone_tilt_deg: tuple[float, float] = _range(-12.0, 12.0)
+    bone_dome_probability: float = 0.75  # chance of a dome (else a trough)
+    bone_thickness_mm: tuple[float, float] = _range(1.0, 1.6)  # bright cortex band, along the normal
+    bone_echo: float = 14.0
+    bone_shadow_db: float = 40.0  # attenuation across the cortex: the shadow below it
+    bone_visible_angle_deg: float = 35.0  # steeper parts reflect away from the probe: not seen
+
     # Probe motion (scene translation, sinusoidal sweep).
     probe_speed_mm_s: float = 1.0  # peak lateral speed
     probe_range_mm: float = 3.0  # lateral amplitude; 0 = probe held still
@@ -162,6 +188,10 @@ class PhantomConfig:
         need(self.probe_range_mm >= 0, "probe_range_mm", "must be >= 0 mm")
         need(self.probe_speed_mm_s >= 0, "probe_speed_mm_s", "must be >= 0 mm/s")
         need(self.min_visible_px >= 1, "min_visible_px", "must be >= 1")
+        need(0.0 <= self.bone_probability <= 1.0, "bone_probability", "use 0..1")
+        need(0.0 <= self.bone_dome_probability <= 1.0, "bone_dome_probability", "use 0..1")
+        need(self.bone_shadow_db >= 0, "bone_shadow_db", "must be >= 0 dB")
+        need(5.0 <= self.bone_visible_angle_deg <= 80.0, "bone_visible_angle_deg", "use 5..80 degrees")
         ranges = [
             "n_layers",
             "attenuation_db_per_cm",
@@ -175,6 +205,11 @@ class PhantomConfig:
             "pulsation_amplitude",
             "needle_angle_deg",
             "needle_speed_mm_s",
+            "bone_depth_mm",
+            "bone_radius_mm",
+            "bone_half_width_mm",
+            "bone_tilt_deg",
+            "bone_thickness_mm",
         ]
         for name in ranges:
             value = getattr(self, name)
@@ -199,6 +234,10 @@ class PhantomConfig:
             "use 5..85 degrees below horizontal",
         )
         need(self.needle_speed_mm_s[0] > 0, "needle_speed_mm_s", "speeds must be > 0 mm/s")
+        need(self.bone_radius_mm[0] > 0, "bone_radius_mm", "radii must be > 0 mm")
+        need(self.bone_half_width_mm[0] > 0, "bone_half_width_mm", "must be > 0 mm")
+        need(-60.0 <= self.bone_tilt_deg[0] and self.bone_tilt_deg[1] <= 60.0, "bone_tilt_deg", "use -60..60")
+        need(self.bone_thickness_mm[0] > 0, "bone_thickness_mm", "must be > 0 mm")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -342,13 +381,14 @@ class PhantomFrame:
       max_row + 1]`` of the mask, so a full-frame box is ``[0, 0, W, H]`` (the D-FINE /
       normalised-cxcywh convention; torchvision's ``masks_to_boxes`` gives the inclusive form,
       1 less on x1 and y1).
-    - ``labels``: M int64, indices into `UltramotionIGTLib.CLASS_NAMES` (0 = vessel, 1 = needle).
-    - ``masks``: MxHxW bool, exactly the rendered lumen / visible needle shaft.
+    - ``labels``: M int64, indices into `UltramotionIGTLib.CLASS_NAMES` (0 = vessel, 1 = needle,
+      2 = bone).
+    - ``masks``: MxHxW bool, exactly the rendered lumen / visible needle shaft / visible bone cortex.
     - ``target_ids``: M int64, stable per object over the sequence (vessels 0..n-1, the needle of
-      insertion episode e is ``NEEDLE_ID_OFFSET + e``).
+      insertion episode e is ``NEEDLE_ID_OFFSET + e``, the bone surface is ``BONE_ID``).
     - ``index``: frame index in the stream; ``timestamp``: seconds (``index / frame_rate_hz``).
     - ``info``: extra state for tests and debugging (probe offset, needle insertion depth, vessel
-      radii, ``image_to_world``: the 4x4 transform from image mm (x = column x spacing, y = row x
+      radii, ``bone``: the bone surface's geometry in image pixels at this frame or ``present`` False, ``image_to_world``: the 4x4 transform from image mm (x = column x spacing, y = row x
       spacing) to the phantom's world mm, i.e. the probe pose; ``events``: the events in progress);
       not needed for training.
     - ``visible``: M bool, ground truth "reliably visible" per target (all True without
@@ -389,6 +429,28 @@ class _Vessel:
     period: float  # s
     amplitude: float  # fraction of the radius
     phase: float  # radians
+
+
+@dataclass
+class _Bone:
+    """A bone surface in world pixels: ``y(x) = apex_y + curvature * d**2 / (2 radius) + tan_tilt * d``
+    for ``d = x - apex_x`` in ``[-half_width, half_width]``; the cortex is ``thickness`` px along the
+    normal below that line."""
+
+    apex_x: float
+    apex_y: float
+    radius: float
+    curvature: float  # +1 dome, -1 trough
+    tan_tilt: float
+    half_width: float
+    thickness: float
+
+    def depth(self, x: np.ndarray) -> np.ndarray:
+        d = x - self.apex_x
+        return self.apex_y + self.curvature * d * d / (2.0 * self.radius) + self.tan_tilt * d
+
+    def slope(self, x: np.ndarray) -> np.ndarray:
+        return self.curvature * (x - self.apex_x) / self.radius + self.tan_tilt
 
 
 @dataclass
@@ -555,6 +617,8 @@ class PhantomStream:
         self._db_scale = 255.0 / cfg.dynamic_range_db
 
         self._vessels = self._place_vessels(rng)
+        # The bone has its own random stream, so a config without bone draws everything else as before.
+        self._bone = self._place_bone(np.random.default_rng([self.seed, 0xB0E]))
         self._noise_tile = rng.standard_normal((2, h + _NOISE_PAD, w + _NOISE_PAD), dtype=np.float32)
         self._noise_tile *= np.float32(cfg.noise_level)
         self._needle_cache: dict[int, _NeedleEpisode | None] = {}
@@ -661,6 +725,43 @@ class PhantomStream:
                     break
         return vessels
 
+    def _place_bone(self, rng: np.random.Generator) -> _Bone | None:
+        """The sequence's bone surface (None: none). Vessels whose columns it spans must lie above it
+        (a vessel in its shadow would be ground truth that cannot be seen); tried 50 times."""
+        cfg = self.config
+        if cfg.bone_probability <= 0.0 or rng.random() >= cfg.bone_probability:
+            return None
+        px = self._px
+        h, w = cfg.shape
+        for _attempt in range(50):
+            bone = _Bone(
+                apex_x=float(rng.uniform(0.2 * w, 0.8 * w)),
+                apex_y=_uniform(rng, cfg.bone_depth_mm) * px,
+                radius=_uniform(rng, cfg.bone_radius_mm) * px,
+                curvature=1.0 if rng.random() < cfg.bone_dome_probability else -1.0,
+                tan_tilt=math.tan(math.radians(_uniform(rng, cfg.bone_tilt_deg))),
+                half_width=_uniform(rng, cfg.bone_half_width_mm) * px,
+                thickness=_uniform(rng, cfg.bone_thickness_mm) * px,
+            )
+            if not 3 * px < bone.apex_y < h - bone.thickness - 2:
+                continue
+            clear = True
+            for v in self._vessels:
+                reach = max(v.a, v.b) * (1 + v.amplitude) + cfg.wall_thickness_mm * px + 1.5 * px
+                lo, hi = (
+                    max(v.cx - reach, bone.apex_x - bone.half_width),
+                    min(v.cx + reach, bone.apex_x + bone.half_width),
+                )
+                if lo > hi:
+                    continue
+                surface = bone.depth(np.linspace(lo, hi, 32))
+                if float(surface.min()) < v.cy + reach:
+                    clear = False
+                    break
+            if clear:
+                return bone
+        return None
+
     def _needle_episode(self, episode: int) -> _NeedleEpisode | None:
         """Needle geometry and timing of insertion episode ``episode`` (None: no needle)."""
         if episode in self._needle_cache:
@@ -710,6 +811,14 @@ class PhantomStream:
                     if dist < max(v.a, v.b) * (1 + v.amplitude) + cfg.wall_thickness_mm * px + 0.5 * px:
                         clear = False
                         break
+                if clear and self._bone is not None:
+                    # The tip stays 1.5 mm above the bone surface (the shaft in its shadow could not be seen).
+                    bone = self._bone
+                    s = np.arange(0.0, s_stop + 1.0, 1.0)
+                    x = sx + s * dx
+                    y = sy + s * dy
+                    over = np.abs(x - bone.apex_x) <= bone.half_width + 1.5 * px
+                    clear = not bool(np.any(y[over] > bone.depth(x[over]) - 1.5 * px))
                 if not clear:
                     continue
                 speed = _uniform(rng, cfg.needle_speed_mm_s) * px
@@ -963,6 +1072,15 @@ class PhantomStream:
                 labels.append(VESSEL_LABEL)
                 ids.append(v.target_id)
 
+        bone_info: dict[str, Any] = {"present": False}
+        if self._bone is not None:
+            bone_info = {"present": True}
+            mask = self._draw_bone(self._bone, ox, oy, echo, speckle, extra_cum, bone_info)
+            if mask is not None and int(np.count_nonzero(mask)) >= cfg.min_visible_px:
+                masks.append(mask)
+                labels.append(BONE_LABEL)
+                ids.append(BONE_ID)
+
         needle_info: dict[str, Any] = {"present": False}
         episode = int(math.floor(t / cfg.needle_episode_s))
         ep = self._needle_episode(episode)
@@ -1048,6 +1166,7 @@ class PhantomStream:
                 "probe_offset_mm": (ox * cfg.spacing_mm, oy * cfg.spacing_mm),
                 "vessel_radius_mm": radii,
                 "needle": needle_info,
+                "bone": bone_info,
                 "image_to_world": self.image_to_world(t),
                 "events": info_events,
             },
@@ -1071,6 +1190,77 @@ class PhantomStream:
         rows = np.arange(h, dtype=np.float32) + np.float32(0.5)
         out += np.float32(level_db) * (rows[:, None] >= top) * lateral[None, :]
         return out
+
+    def _draw_bone(
+        self,
+        bone: _Bone,
+        ox: float,
+        oy: float,
+        echo: np.ndarray,
+        speckle: np.ndarray,
+        extra_cum: np.ndarray,
+        info: dict[str, Any],
+    ) -> np.ndarray | None:
+        """Draw the cortex and its shadow; return the mask of its visible part (None: out of view).
+
+        Per column (pixel centre x): the surface is at row ``y(x)``, the local surface angle is
+        ``atan|y'(x)|``; a pixel is in the cortex when its distance below the surface along the normal,
+        ``(row + 0.5 - y) cos(angle)``, is in ``[0, thickness)``. The mask is the cortex where the angle
+        is at most ``bone_visible_angle_deg``; steeper parts are drawn fading out within a few degrees
+        (specular reflection away from the probe). The whole cortex attenuates ``bone_shadow_db``, so
+        every column it spans is dark below it."""
+        cfg = self.config
+        h, w = cfg.shape
+        c0 = max(int(math.floor(bone.apex_x - bone.half_width - ox)), 0)
+        c1 = min(int(math.ceil(bone.apex_x + bone.half_width - ox)) + 1, w)
+        if c0 >= c1:
+            return None
+        xw = np.arange(c0, c1, dtype=np.float64) + 0.5 + ox  # world column centres
+        span = np.abs(xw - bone.apex_x) <= bone.half_width
+        surface = bone.depth(xw) - oy  # image rows
+        cos_a = 1.0 / np.sqrt(1.0 + bone.slope(xw) ** 2)
+        angle = np.degrees(np.arccos(cos_a))
+        r0 = max(int(math.floor(float(surface[span].min()) if span.any() else h)) - 3, 0)
+        r1 = min(
+            int(math.ceil(float((surface + bone.thickness / cos_a)[span].max()) if span.any() else 0)) + 4, h
+        )
+        info.update(
+            apex_xy_px=(bone.apex_x - ox, bone.apex_y - oy),
+            radius_mm=bone.radius * cfg.spacing_mm,
+            radius_px=bone.radius,
+            thickness_mm=bone.thickness * cfg.spacing_mm,
+            thickness_px=bone.thickness,
+            curvature=bone.curvature,
+            tan_tilt=bone.tan_tilt,
+            half_width_px=bone.half_width,
+            columns=(c0, c1),
+        )
+        if r0 >= r1:
+            return None
+        rows = np.arange(r0, r1, dtype=np.float64)[:, None] + 0.5
+        normal = (rows - surface[None, :]) * cos_a[None, :]  # px below the surface, along the normal
+        band = (normal >= 0) & (normal < bone.thickness) & span[None, :]
+        if not band.any():
+            return None
+        seen = angle <= cfg.bone_visible_angle_deg
+        # Brightness: specular, a little dimmer as the surface tilts, fading fast past the visible angle.
+        spec = 0.6 + 0.4 * cos_a**4
+        spec = np.where(seen, spec, spec * np.exp(-(((angle - cfg.bone_visible_angle_deg) / 4.0) ** 2)))
+        outside = np.maximum(np.maximum(-normal, normal - bone.thickness), 0.0)
+        profile = np.exp(-(outside**2) / 0.8) * span[None, :] * spec[None, :]
+        profile = profile.astype(np.float32)
+        sub = echo[r0:r1, c0:c1]
+        np.maximum(sub, np.float32(cfg.bone_echo) * profile, out=sub)
+        sp = speckle[r0:r1, c0:c1]
+        sp += (np.float32(0.85) - sp) * np.float32(0.6) * profile
+        # Shadow: bone_shadow_db spread over each column's cortex pixels (exactly that much below it).
+        count = np.maximum(band.sum(axis=0), 1)
+        _accumulate_down(
+            extra_cum, r0, c0, (np.float32(cfg.bone_shadow_db) * band / count).astype(np.float32)
+        )
+        mask = np.zeros((h, w), dtype=bool)
+        mask[r0:r1, c0:c1] = band & seen[None, :]
+        return mask
 
     def _draw_needle(
         self,

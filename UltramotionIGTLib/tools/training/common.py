@@ -37,14 +37,19 @@ HELDOUT_DATASET_SEED = 1
 TRAIN_SEQUENCES = 240
 SEQUENCE_FRAMES = 320
 CHECKPOINT_NAME = "training-state.pt"
+#: share of demo phantom sequences with a bone surface (the third class)
+DEMO_BONE_PROBABILITY = 0.7
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def demo_phantom_config() -> PhantomConfig:
-    """The phantom family the demo models are trained and evaluated on (256x256, 0.2 mm pixels)."""
-    return PhantomConfig(height=DEMO_IMAGE_SIZE, width=DEMO_IMAGE_SIZE)
+    """The phantom family the demo models are trained and evaluated on (256x256, 0.2 mm pixels; vessels,
+    needle, and a bone surface in ``DEMO_BONE_PROBABILITY`` of the sequences)."""
+    return PhantomConfig(
+        height=DEMO_IMAGE_SIZE, width=DEMO_IMAGE_SIZE, bone_probability=DEMO_BONE_PROBABILITY
+    )
 
 
 class PhantomFramePool:
