@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from UltramotionIGTLib.core.detector import write_random_detector
+from UltramotionIGTLib.core.packet import CLASS_NAMES
 from UltramotionIGTLib.core.sam import write_random_sam_checkpoint
 from UltramotionIGTLib.core.sam.checkpoint import random_sam_model
 from UltramotionIGTLib.core.sam.config import build_sam_model
@@ -154,7 +155,7 @@ def test_make_takes_only_inference_files_from_a_training_folder(models, tmp_path
     packed = sum(p.stat().st_size for p in (out / "detector").iterdir())
     assert packed < model_bytes + 100 < sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     detector, segmenter, _ = load_pack(out, device="cpu")
-    assert detector.class_names == ("vessel", "needle")
+    assert detector.class_names == CLASS_NAMES  # write_random_detector's default classes
 
 
 def _mislabelled_pack(models, folder: Path) -> Path:
@@ -199,7 +200,7 @@ def test_verify_reports_what_loading_showed(models, tmp_path):
     det, seg = report.loaded
     assert (det.family, det.classes, det.input_channels, det.input_size) == (
         "D-FINE",
-        ["vessel", "needle"],
+        list(CLASS_NAMES),
         3,
         (128, 128),
     )
@@ -207,7 +208,8 @@ def test_verify_reports_what_loading_showed(models, tmp_path):
     assert det.parameters > 0 and seg.parameters > 0
     assert det.path == out / "detector" and seg.path == out / "sam" / "sam_vit_t_demo.safetensors"
     text = report.format()
-    assert "and its models load" in text and "D-FINE-custom, 2 classes (vessel, needle)" in text
+    names = ", ".join(CLASS_NAMES)
+    assert "and its models load" in text and f"D-FINE-custom, {len(CLASS_NAMES)} classes ({names})" in text
     installed = import_pack(out, tmp_path / "user")
     assert [m.path for m in installed.loaded] == [
         installed.root / "detector",

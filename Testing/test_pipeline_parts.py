@@ -294,18 +294,19 @@ def test_mask_box_margin_option_reaches_the_pipeline_config():
     import argparse
 
     from UltramotionIGTLib.core.pipeline import PipelineConfig
-    from UltramotionIGTLib.errors import InputFileError
-    from UltramotionIGTLib.tools.run import add_pipeline_arguments, pipeline_config_from_args
+    from UltramotionIGTLib.errors import UsageError
+    from UltramotionIGTLib.tools.options import add_pipeline_arguments, pipeline_config_from_args
 
-    parser = argparse.ArgumentParser()
-    add_pipeline_arguments(parser, models_required=False)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_pipeline_arguments(parser)
+    parser.add_argument("--device", default="cpu")
     assert pipeline_config_from_args(parser.parse_args([])).mask_box_margin_px is None
     config = pipeline_config_from_args(
         parser.parse_args(["--mask-box-margin", "6", "--mask-outside-confidence", "0.9"])
     )
     assert config.mask_box_margin_px == 6.0 and config.mask_outside_confidence == 0.9
-    with pytest.raises(InputFileError, match="mask_box_margin_px"):
-        pipeline_config_from_args(parser.parse_args(["--mask-box-margin", "-1"]))
+    with pytest.raises(UsageError, match="mask_outside_confidence"):
+        pipeline_config_from_args(parser.parse_args(["--mask-outside-confidence", "0.2"]))
     with pytest.raises(ValueError, match="mask_outside_confidence"):
         PipelineConfig(mask_outside_confidence=0.2)
 

@@ -18,6 +18,7 @@ import torch
 from test_dfine_hub_configs import HUB_CONFIGS, _write_hub_like_folder
 
 from UltramotionIGTLib.core.detector import DFineDetector, write_random_detector
+from UltramotionIGTLib.core.packet import CLASS_NAMES
 from UltramotionIGTLib.core.pipeline import Pipeline, PipelineConfig
 from UltramotionIGTLib.core.sam import SamSegmenter, write_random_sam_checkpoint
 from UltramotionIGTLib.errors import SettingsError
@@ -139,4 +140,4 @@ def test_bench_pipeline_compares_two_detectors(coco_s, sam_file, tmp_path, capsy
     ratio = report["cost_ratio"]
     a, b = (report["paths"][p] for p in ("detector", "vs_detector"))
     assert ratio["mean_frame_time"] == a["fps"] / b["fps"]
-    assert "2 vs 80 classes" in report["models"]
+    assert f"{len(CLASS_NAMES)} vs 80 classes" in report["models"]
