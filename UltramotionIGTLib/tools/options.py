@@ -53,48 +53,39 @@ def describe_from_doc(parser: argparse.ArgumentParser, doc: str | None) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+def _parse_number(text: str, whole: bool, above_zero: bool) -> Any:
+    """``text`` as an int (``whole``) or a finite float, at least 1 / above 0 (``above_zero``) or at
+    least 0; `argparse.ArgumentTypeError` saying which rule failed (argparse shows it in one line)."""
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a {'whole number' if whole else 'number'}"
+        ) from None
+    if not math.isfinite(value) or value < 0 or (above_zero and value <= 0):
+        bound = (">= 1" if whole else "> 0") if above_zero else ">= 0"
+        raise argparse.ArgumentTypeError(f"must be {'' if whole else 'a number '}{bound}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse ``type`` of a count that must be at least 1 (frames, repeats, boxes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type`` of a finite quantity that must be above 0 (seconds, rates)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse ``type`` of a finite quantity that may be 0 (pixels, margins)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _parse_number(text, whole=True, above_zero=True)
 
 
 def non_negative_int(text: str) -> int:
     """argparse ``type`` of a count that may be 0 (warm-up frames, held-out frames)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _parse_number(text, whole=True, above_zero=False)
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type`` of a finite quantity that must be above 0 (seconds, rates)."""
+    return _parse_number(text, whole=False, above_zero=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type`` of a finite quantity that may be 0 (pixels, margins)."""
+    return _parse_number(text, whole=False, above_zero=False)
 
 
 def unit_interval(text: str) -> float:
