@@ -274,6 +274,7 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._indicatorsShownAt = None  # time.monotonic() of the last panel refresh
         self._cornerViews = []
+        self._kpiActors = {}  # slice view name -> (view, the module's KPI text actor in it)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -312,6 +313,9 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is not None:
             self.logic.stop(_("Module closed"))
         self._setCornerText("")
+        for view, actor in self._kpiActors.values():  # the module leaves no actor behind in the views
+            view.renderWindow().GetRenderers().GetFirstRenderer().RemoveActor2D(actor)
+        self._kpiActors = {}
         self.removeObservers()
 
     def enter(self) -> None:
@@ -501,9 +505,11 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setCornerText(texts["corner"] if show else "")
 
     def _setCornerText(self, text) -> None:
-        """Write ``text`` in the lower-right corner of the slice views showing the input volume."""
-        for view in self._cornerViews:
-            view.cornerAnnotation().SetText(vtk.vtkCornerAnnotation.LowerRight, "")
+        """Show ``text`` in the lower-right corner of the slice views showing the input volume, in a
+        text actor of the module's own: DataProbe's slice annotations rewrite the views' corner
+        annotation whenever the slice logic changes, so the KPI line would flicker or vanish there."""
+        for view, actor in self._cornerViews:
+            actor.SetVisibility(False)
             view.scheduleRender()
         self._cornerViews = []
         if not text or self._parameterNode is None or not self._parameterNode.inputVolume:
@@ -517,9 +523,28 @@ class UltramotionIGTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             composite = sliceWidget.mrmlSliceCompositeNode()
             if volumeId in (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()):
                 view = sliceWidget.sliceView()
-                view.cornerAnnotation().SetText(vtk.vtkCornerAnnotation.LowerRight, text)
+                actor = self._kpiActor(name, view)
+                actor.SetInput(text)
+                actor.SetVisibility(True)
                 view.scheduleRender()
-                self._cornerViews.append(view)
+                self._cornerViews.append((view, actor))
+
+    def _kpiActor(self, name, view):
+        """The KPI text actor of slice view ``name`` (made once, in the view's renderer)."""
+        view_and_actor = self._kpiActors.get(name)
+        if view_and_actor is None:
+            actor = vtk.vtkTextActor()
+            actor.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+            actor.SetPosition(0.99, 0.01)
+            props = actor.GetTextProperty()
+            props.SetJustificationToRight()
+            props.SetVerticalJustificationToBottom()
+            props.SetFontSize(12)
+            props.SetColor(1.0, 1.0, 0.6)
+            props.SetShadow(True)
+            view.renderWindow().GetRenderers().GetFirstRenderer().AddActor2D(actor)
+            view_and_actor = self._kpiActors[name] = (view, actor)
+        return view_and_actor[1]
 
     def _showOutput(self) -> None:
         node = self._parameterNode
