@@ -643,9 +643,7 @@ class Gateway:
         sync_kpi: dict[str, Any] = {}
         if audit is not None and audit.last_frame is not None:
             sync_kpi = audit.last_frame.kpi()
-            # a long-running service keeps counts, not every record (the audit keeps them all)
-            del audit.frames[:-1]
-            del audit.events[:]
+            audit.keep_last_frame_only()  # a long-running service keeps counts, not every record
         labelmap = self._table.labelmap(result)
         names = self._output_names(frame.device_name)
         segments = self._segments(result)

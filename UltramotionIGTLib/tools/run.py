@@ -174,8 +174,7 @@ def process_sequence(
                 poses=itertools.islice(poses, n) if poses is not None else None,
             ):
                 if audit is not None:  # counts are in the records: keep no frame's events
-                    del audit.frames[:-1]
-                    del audit.events[:]
+                    audit.keep_last_frame_only()
                 recorder.log(record)
                 recorder.add_item(table.labelmap(result), result.timestamp, table.segments())
                 recorder.sample(frame, result)

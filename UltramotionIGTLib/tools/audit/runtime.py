@@ -990,6 +990,13 @@ class RuntimeTransferAudit:
         """The last closed frame's counts (for a per-frame KPI record)."""
         return self.frames[-1] if self.frames else None
 
+    def keep_last_frame_only(self) -> None:
+        """Forget every event and all frames but the last: for long runs whose counts already went
+        into per-frame KPI records, so that memory does not grow with the frames (the frame numbering
+        goes on)."""
+        del self.frames[:-1]
+        del self.events[:]
+
     def _start_frame(self, index: int | None) -> FrameCounts:
         if self._current is not None:
             raise RuntimeError("audit.frame(): a frame is already open")
