@@ -86,19 +86,24 @@ def user_models_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".ultramotion-igt" / "models"
 
 
+def sam_checkpoints_in(folder: str | Path) -> list[Path]:
+    """The checkpoint files in ``folder``, ``.safetensors`` before ``.pth``/``.pt``, then by name
+    (empty when it is not a folder)."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    files = [q for q in p.iterdir() if q.is_file() and q.suffix in SAM_SUFFIXES]
+    return sorted(files, key=lambda q: (SAM_SUFFIXES.index(q.suffix), q.name))
+
+
 def find_sam_checkpoint(path: str | Path) -> Path | None:
-    """A SAM checkpoint file: ``path`` itself if it is a file, else the first checkpoint file in the
-    folder (``.safetensors`` preferred over ``.pth``/``.pt``, then by name); None if there is none."""
+    """A SAM checkpoint file: ``path`` itself if it is a file, else the first of
+    `sam_checkpoints_in` the folder; None if there is none."""
     p = Path(path)
     if p.is_file():
         return p
-    if not p.is_dir():
-        return None
-    for suffix in SAM_SUFFIXES:
-        found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix == suffix)
-        if found:
-            return found[0]
-    return None
+    found = sam_checkpoints_in(p)
+    return found[0] if found else None
 
 
 def default_models() -> dict[str, Path | None]:

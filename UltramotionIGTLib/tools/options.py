@@ -184,15 +184,12 @@ def resolve_model_source(args: argparse.Namespace, *, check_files: bool = True) 
         if check_files:
             if not det.is_dir():
                 raise InputFileError(f"--detector {det}: no such folder (a D-FINE folder with config.json)")
-            if ckpt.is_dir():
-                several = sorted(
-                    q.name for q in ckpt.iterdir() if q.is_file() and q.suffix in packs.SAM_SUFFIXES
+            several = [q.name for q in packs.sam_checkpoints_in(ckpt)]
+            if len(several) > 1:
+                raise UsageError(
+                    f"--sam {ckpt}: the folder holds {len(several)} checkpoints ({', '.join(several)}): "
+                    "name the file"
                 )
-                if len(several) > 1:
-                    raise UsageError(
-                        f"--sam {ckpt}: the folder holds {len(several)} checkpoints ({', '.join(several)}): "
-                        "name the file"
-                    )
             found = packs.find_sam_checkpoint(ckpt)
             if found is None:
                 what = "folder has no .safetensors/.pth/.pt file" if ckpt.is_dir() else "no such file"
